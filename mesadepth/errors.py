@@ -71,5 +71,7 @@ class BadSamples:
     def summary(self) -> str:
         if not self.counts:
             return "no sample skipped"
-        parts = [f"{n} x {reason} (e.g. {self.examples[reason]})" for reason, n in self.counts.items()]
+        parts = [
+            f"{n} x {reason} (e.g. {self.examples[reason]})" for reason, n in self.counts.items()
+        ]
         return f"skipped {self.total} sample(s): " + "; ".join(parts)

@@ -27,7 +27,9 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` when the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent
+    )
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -67,7 +69,9 @@ def decode_rgb(data: bytes, path: PathLike = "<bytes>") -> np.ndarray:
             img.load()  # forces a full decode: truncated files fail here, not later
             rgb = img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(path, f"expected a complete image file (JPEG/PNG/WebP), cannot decode: {exc}") from exc
+        raise DataError(
+            path, f"expected a complete image file (JPEG/PNG/WebP), cannot decode: {exc}"
+        ) from exc
     return np.asarray(rgb, dtype=np.uint8)
 
 
@@ -80,14 +84,18 @@ def read_rgb(path: PathLike) -> np.ndarray:
 def encode_jpeg(rgb: np.ndarray, quality: int = 95) -> bytes:
     """Encode an (H, W, 3) uint8 array as baseline JPEG (4:2:0 chroma, like libjpeg's default)."""
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB").save(buf, "JPEG", quality=quality)
+    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB").save(
+        buf, "JPEG", quality=quality
+    )
     return buf.getvalue()
 
 
 def encode_webp(rgb: np.ndarray, quality: int = 75) -> bytes:
     """Encode an (H, W, 3) uint8 array as lossy WebP."""
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB").save(buf, "WEBP", quality=quality)
+    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB").save(
+        buf, "WEBP", quality=quality
+    )
     return buf.getvalue()
 
 
@@ -125,7 +133,9 @@ def read_png_uint16(path: PathLike, what: str = "16-bit depth PNG") -> np.ndarra
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(path, f"expected a complete {what}, cannot decode: {exc}") from exc
     if mode not in ("I;16", "I;16B", "I;16L", "I") or arr.ndim != 2:
-        raise DataError(path, f"expected a single-channel 16-bit PNG ({what}), found Pillow mode {mode!r}")
+        raise DataError(
+            path, f"expected a single-channel 16-bit PNG ({what}), found Pillow mode {mode!r}"
+        )
     if mode == "I" and (arr.min(initial=0) < 0 or arr.max(initial=0) > 65535):
         raise DataError(path, f"expected 16-bit values, found range [{arr.min()}, {arr.max()}]")
     return arr.astype(np.uint16)
@@ -135,9 +145,13 @@ def check_depth(depth: np.ndarray, path: PathLike, what: str = "depth map") -> n
     """Refuse a depth map that is NaN/inf anywhere, negative, or zero everywhere."""
     if not np.all(np.isfinite(depth)):
         n = int(np.size(depth) - np.count_nonzero(np.isfinite(depth)))
-        raise DataError(path, f"{what} has {n} NaN/inf value(s); expected finite depth (0 = missing)")
+        raise DataError(
+            path, f"{what} has {n} NaN/inf value(s); expected finite depth (0 = missing)"
+        )
     if np.any(depth < 0):
-        raise DataError(path, f"{what} has negative values (min {float(depth.min()):g}); expected >= 0")
+        raise DataError(
+            path, f"{what} has negative values (min {float(depth.min()):g}); expected >= 0"
+        )
     if not np.any(depth > 0):
         raise DataError(path, f"{what} is zero everywhere; expected some valid (> 0) depth")
     return depth
@@ -177,12 +191,22 @@ def read_cam_txt(path: PathLike) -> np.ndarray:
     try:
         values = np.array(path.read_text().split(), dtype=np.float64)
     except ValueError as exc:
-        raise DataError(path, f"expected 9 numbers (a 3x3 intrinsics matrix), found non-numeric text: {exc}") from exc
+        raise DataError(
+            path, f"expected 9 numbers (a 3x3 intrinsics matrix), found non-numeric text: {exc}"
+        ) from exc
     if values.size != 9:
         raise DataError(path, f"expected 9 numbers (a 3x3 intrinsics matrix), found {values.size}")
     K = values.reshape(3, 3).astype(np.float32)
-    if not np.all(np.isfinite(K)) or not np.allclose(K[2], [0, 0, 1]) or K[0, 0] <= 0 or K[1, 1] <= 0:
-        raise DataError(path, f"expected intrinsics [[fx,0,cx],[0,fy,cy],[0,0,1]] with fx, fy > 0, found {K.tolist()}")
+    if (
+        not np.all(np.isfinite(K))
+        or not np.allclose(K[2], [0, 0, 1])
+        or K[0, 0] <= 0
+        or K[1, 1] <= 0
+    ):
+        raise DataError(
+            path,
+            f"expected intrinsics [[fx,0,cx],[0,fy,cy],[0,0,1]] with fx, fy > 0, found {K.tolist()}",
+        )
     return K
 
 
@@ -210,7 +234,10 @@ def read_list_file(path: PathLike, min_fields: int = 1, what: str = "list file")
         if not fields:
             continue
         if len(fields) < min_fields:
-            raise DataError(path, f"line {lineno}: expected at least {min_fields} field(s), found {len(fields)}: {line!r}")
+            raise DataError(
+                path,
+                f"line {lineno}: expected at least {min_fields} field(s), found {len(fields)}: {line!r}",
+            )
         rows.append(fields)
     if not rows:
         raise DataError(path, f"{what} is empty; expected one entry per line")
