@@ -229,3 +229,27 @@ def test_refuses_to_overwrite_a_world_silently(world):
     cfg, out, _ = world
     with pytest.raises(FileExistsError, match="--overwrite"):
         generate_world(cfg, out, progress=False)
+
+
+def test_reprojection_check_has_teeth(world, tmp_path):
+    """The renderer-based cycle error is ~0 for the files as written and clearly not when the
+    files' intrinsics disagree with the images by half a pixel (the classic pixel-centre slip;
+    for small motions most of that slip cancels between the two views, leaving ~0.04 px)."""
+    import shutil
+
+    from mesadepth.data.world import check_scene_files, render_scene
+    from mesadepth.io import read_cam_txt, write_cam_txt
+
+    cfg, out, _ = world
+    scene_type, scene, truth = render_scene(cfg, "nyu", "video", 0, cfg.video.frames)
+    scene_dir = out / "video" / "training" / f"{scene_type}_0000"
+    good = check_scene_files(scene_dir, truth, k=2, scene=scene)
+    assert good["reproj_px_median"] < 0.002
+    broken = tmp_path / "broken"
+    shutil.copytree(scene_dir, broken)
+    K = read_cam_txt(broken / "cam.txt").astype(np.float64)
+    K[0, 2] += 0.5
+    K[1, 2] += 0.5
+    write_cam_txt(broken / "cam.txt", K)
+    bad = check_scene_files(broken, truth, k=2, scene=scene)
+    assert bad["reproj_px_median"] > 10 * 0.002

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -44,7 +45,9 @@ from mesadepth.data import video as video_fmt
 from mesadepth.data.synthetic import (
     CLASS_NAMES,
     SCENE_TYPES,
+    Scene,
     build_scene,
+    cast,
     hand_held_trajectory,
     kinect_holes,
     nyu_intrinsics,
@@ -183,7 +186,7 @@ PRESETS: dict[str, dict] = {
 # ----------------------------------------------------------------------------- scene rendering
 
 
-def render_sequence(
+def render_scene(
     cfg: SynthConfig,
     style: str,
     kind: str,
@@ -192,11 +195,11 @@ def render_sequence(
     every: int = 1,
     step_m: float | None = None,
     scene_type: str | None = None,
-) -> tuple[str, list[dict]]:
+) -> tuple[str, Scene, list[dict]]:
     """Render ``n_frames`` views of scene ``index`` (every ``every``-th frame of one trajectory).
 
     Deterministic in (seed, style, kind, index). The scene type cycles through the style's
-    types unless given. Returns the scene type and the frame dicts of
+    types unless given. Returns the scene type, the scene and the frame dicts of
     :func:`~mesadepth.data.synthetic.render_frame`, each with a ``raw_depth`` (Kinect-like holes).
     """
     rng = scene_rng(cfg.seed, style, kind, index)
@@ -213,6 +216,14 @@ def render_sequence(
     ]
     for f in frames:
         f["raw_depth"] = kinect_holes(rng, f["depth"], f["edges"])
+    return scene_type, scene, frames
+
+
+def render_sequence(
+    cfg: SynthConfig, style: str, kind: str, index: int, n_frames: int, **kwargs: Any
+) -> tuple[str, list[dict]]:
+    """:func:`render_scene` without the scene: the scene type and the frames."""
+    scene_type, _, frames = render_scene(cfg, style, kind, index, n_frames, **kwargs)
     return scene_type, frames
 
 
@@ -225,7 +236,7 @@ class _Task:
 
 def _video_task(cfg: SynthConfig, out: Path, task: _Task) -> dict:
     style = task.args["style"]
-    scene_type, frames = render_sequence(cfg, style, task.kind, task.index, task.args["frames"])
+    scene_type, scene, frames = render_scene(cfg, style, task.kind, task.index, task.args["frames"])
     name = f"{scene_type}_{task.index:04d}"
     root = out / task.args["root"] / "training" / name
     video_fmt.write_video_scene(
@@ -251,7 +262,7 @@ def _video_task(cfg: SynthConfig, out: Path, task: _Task) -> dict:
             )
             result["sync"].append((f"{name}/rgb_{j:05d}.jpg", f"{name}/sync_depth_{j:05d}.png"))
     if cfg.checks and len(frames) > 2 and task.args.get("check"):
-        result["check"] = check_scene_files(root, frames, k=2)
+        result["check"] = check_scene_files(root, frames, k=2, scene=scene)
     return result
 
 
@@ -429,25 +440,32 @@ def warp_errors(
     return out
 
 
-def check_scene_files(scene_dir: Path, truth: list[dict], k: int = 2) -> dict[str, float]:
+def check_scene_files(
+    scene_dir: Path, truth: list[dict], k: int = 2, scene: Scene | None = None
+) -> dict[str, float]:
     """Measure how exactly the written scene encodes the rendered world.
 
     Reads the scene back with the SC-Depth loader (JPEG frames, depth PNG / 5000, cam.txt,
-    poses.txt). For frame pairs (t, t + k): ``reproj_px`` = median distance between where the
-    files send a pixel of t in frame t + k and where the rendered surface point truly lands
-    there (pixels; visible, unoccluded points only); ``photo_gl`` = mean |colour of t - colour of
-    t + k warped into t| with the files' depth and poses on those pixels (grey levels, 0-255),
-    and ``photo_static_gl`` the same without the camera motion (a baseline the warp must beat).
+    poses.txt) and, for frame pairs (t, t + k), back-projects every pixel p of t with the
+    files' depth and projects it into t + k with the files' relative pose, landing at q.
+    Statistics are over pixels whose surface point t + k truly sees (unoccluded, in view):
+
+    - ``reproj_px``: the renderer casts the ray of camera t + k through q; the surface point
+      it hits, projected back into t, should be p again. The distance (pixels) is 0 only if
+      image formation, K, poses and depth encoding all agree ("q shows the same point").
+      Without ``scene`` it falls back to |q - q_true| with q_true from the exact geometry.
+    - ``photo_gl``: mean |colour of t - colour of t + k sampled at q| (grey levels 0-255,
+      bilinear), and ``photo_static_gl`` the same without motion compensation, a baseline.
     """
-    scene = video_fmt.VideoScene(scene_dir)
-    K = scene.K.astype(np.float64)
-    poses = scene.poses()
+    files = video_fmt.VideoScene(scene_dir)
+    K = files.K.astype(np.float64)
+    poses = files.poses()
     reproj, photo, static = [], [], []
     for t in range(0, len(truth) - k, max(1, (len(truth) - k) // 4)):
         s = t + k
         true_t, true_s = truth[t], truth[s]
         Kt = true_t["K"].astype(np.float64)
-        # Truth: exact depth and poses; where the point lands in s and whether s sees it.
+        # Visibility from the exact geometry: t + k's own depth agrees at the landing point.
         ref = warp_errors(
             true_t["depth"].astype(np.float64),
             Kt,
@@ -455,21 +473,35 @@ def check_scene_files(scene_dir: Path, truth: list[dict], k: int = 2) -> dict[st
             true_s["pose"],
             depth_s=true_s["depth"],
         )
-        vis = ref["mask"]
         got = warp_errors(
-            scene.depth(t).astype(np.float64),
+            files.depth(t).astype(np.float64),
             K,
             poses[t],
             poses[s],
-            rgb_t=scene.frame(t),
-            rgb_s=scene.frame(s),
+            rgb_t=files.frame(t),
+            rgb_s=files.frame(s),
             true_q=ref["q"],
-            visible=vis,
+            visible=ref["mask"],
         )
-        reproj.append(got["reproj"])
+        mask = got["mask"]
+        if scene is not None:
+            q = got["q"][mask]
+            pose_s = true_s["pose"]
+            rays = np.stack(
+                [(q[:, 0] - Kt[0, 2]) / Kt[0, 0], (q[:, 1] - Kt[1, 2]) / Kt[1, 1], np.ones(len(q))],
+                -1,
+            )
+            dirs = rays @ pose_s[:3, :3].T
+            hits = cast(scene, pose_s[:3, 3], dirs)
+            H = pose_s[:3, 3] + hits.t[:, None].astype(np.float64) * dirs
+            back, _ = _project((H - true_t["pose"][:3, 3]) @ true_t["pose"][:3, :3], Kt)
+            v, u = np.nonzero(mask)
+            reproj.append(np.hypot(back[:, 0] - u, back[:, 1] - v))
+        else:
+            reproj.append(got["reproj"])
         photo.append(got["photo"])
-        still = scene.frame(s).astype(np.float64)  # no motion compensation at all
-        static.append(np.abs(still - scene.frame(t)).mean(-1)[got["photo_mask"]])
+        still = files.frame(s).astype(np.float64)  # no motion compensation at all
+        static.append(np.abs(still - files.frame(t)).mean(-1)[got["photo_mask"]])
     r, p, st = np.concatenate(reproj), np.concatenate(photo), np.concatenate(static)
     return {
         "reproj_px_median": float(np.median(r)),
@@ -602,7 +634,8 @@ def generate_world(
     val = [r for _, r in by_kind.get("video", []) if r["split"] == "val"]
     vroot = out / "video" / "training"
     video_fmt.write_scene_list(vroot / "train.txt", [r["name"] for r in train])
-    video_fmt.write_scene_list(vroot / "val.txt", [r["name"] for r in val])
+    if val:
+        video_fmt.write_scene_list(vroot / "val.txt", [r["name"] for r in val])
     if cfg.aux.scenes:
         aux = [r["name"] for _, r in by_kind["aux"]]
         video_fmt.write_scene_list(out / "video_aux" / "training" / "train.txt", aux)
