@@ -1,0 +1,1 @@
+"""Networks: the Swin-v2 encoder and the heads each stage puts on it."""
