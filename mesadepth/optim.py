@@ -12,6 +12,7 @@ once after every ``optimizer.step()``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
@@ -229,6 +230,22 @@ class WarmupLR(LRScheduler):
     def get_lr(self) -> list[float]:  # type: ignore[override]
         """LRs for iteration ``last_epoch`` (the number of ``step()`` calls so far)."""
         return [self.schedule.lr_for_step(self.last_epoch, float(b)) for b in self.base_lrs]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values only (the schedule as a dict), so checkpoints load with weights_only."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "schedule")}
+        sched = dataclasses.asdict(self.schedule)
+        sched["milestones"] = list(sched["milestones"])
+        state["schedule"] = sched
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        sched = state.pop("schedule", None)
+        self.__dict__.update(state)
+        if sched is not None:
+            sched = dict(sched, milestones=tuple(sched["milestones"]))
+            self.schedule = WarmupSchedule(**sched)
 
 
 def build_scheduler(

@@ -326,3 +326,25 @@ def test_cosine_bit_exact_against_timm_driven_like_the_reference(variant: str) -
         cosine_variant=variant,  # type: ignore[arg-type]
     )
     assert _used_lrs(opt, sched, 130) == expected
+
+
+def test_scheduler_state_is_plain_and_round_trips_through_a_safe_load(tmp_path):
+    """A checkpointed scheduler must load with torch's weights_only loader (no pickled classes)."""
+    from mesadepth.optim import build_scheduler
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = build_scheduler(
+        opt, total_iters=20, warmup_iters=4, warmup_lr=0.1, kind="multistep", milestones=[10]
+    )
+    for _ in range(12):
+        opt.step()
+        sched.step()
+    torch.save(sched.state_dict(), tmp_path / "s.pt")
+    state = torch.load(tmp_path / "s.pt", weights_only=True)
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+    other = build_scheduler(opt2, total_iters=99, warmup_iters=1, warmup_lr=0.5, kind="cosine")
+    other.load_state_dict(state)
+    assert other.schedule == sched.schedule
+    opt.step(), sched.step(), opt2.step(), other.step()
+    assert other.get_last_lr() == sched.get_last_lr()
