@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class MesaError(Exception):
@@ -51,6 +55,7 @@ class BadSamples:
     on_error: str = "raise"
     counts: Counter[str] = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)
+    known_bad: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.on_error not in ("raise", "skip"):
@@ -63,6 +68,28 @@ class BadSamples:
         reason = err.problem.split(":")[0][:80]
         self.counts[reason] += 1
         self.examples.setdefault(reason, err.path)
+
+    def load(
+        self, index: int, n: int, load: Callable[[int], T], where: str | os.PathLike[str]
+    ) -> T:
+        """``load(index)``, or under ``on_error="skip"`` the next loadable item (wrapping).
+
+        The substitute is deterministic (the next index), and an item that failed once is
+        remembered and not decoded again. ``where`` names the dataset in the error raised
+        when no item at all can be read.
+        """
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range [0, {n})")
+        for step in range(n):
+            j = (index + step) % n
+            if j in self.known_bad:
+                continue
+            try:
+                return load(j)
+            except DataError as err:
+                self.handle(err)  # re-raises unless on_error == "skip"
+                self.known_bad.add(j)
+        raise DataError(where, f"no readable item left; {self.summary()}")
 
     @property
     def total(self) -> int:

@@ -291,16 +291,8 @@ class _SkippingDataset(Dataset):
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} items")
-        index %= n
-        for step in range(n):
-            i = (index + step) % n  # deterministic: the next index, wrapping at the end
-            try:
-                sample = self._load(i)
-            except DataError as err:
-                self.bad.handle(err)  # re-raises unless on_error == "skip"
-                continue
-            return self.transform(sample) if self.transform is not None else sample
-        raise DataError(self._where, f"no decodable item at all ({self.bad.summary()})")
+        sample = self.bad.load(index % n, n, self._load, self._where)
+        return self.transform(sample) if self.transform is not None else sample
 
 
 class LSUNLmdb(_SkippingDataset):

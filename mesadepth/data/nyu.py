@@ -762,7 +762,6 @@ class NYUSyncDataset(Dataset):
             self.rows.append((row[0], row[1], focal))
         if check_files:
             self._check_files()
-        self._known_bad: set[int] = set()
 
     def _paths(self, k: int) -> tuple[str, str]:
         rgb_tok, depth_tok, _ = self.rows[k]
@@ -820,18 +819,5 @@ class NYUSyncDataset(Dataset):
         return sample
 
     def __getitem__(self, k: int) -> dict[str, Any]:
-        n = len(self.rows)
-        if not 0 <= k < n:
-            raise IndexError(f"NYUSyncDataset: index {k} out of range [0, {n})")
-        for step in range(n):
-            j = (k + step) % n
-            if j in self._known_bad:
-                continue
-            try:
-                sample = self._load(j)
-            except DataError as err:
-                self.bad.handle(err)  # raises unless on_error == "skip"
-                self._known_bad.add(j)
-                continue
-            return self.transform(sample) if self.transform is not None else sample
-        raise DataError(self.list_file, f"no readable pair left; {self.bad.summary()}")
+        sample = self.bad.load(k, len(self.rows), self._load, self.list_file)
+        return self.transform(sample) if self.transform is not None else sample

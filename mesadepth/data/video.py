@@ -411,7 +411,6 @@ class _SceneDataset(Dataset):
         self.bad = BadSamples(on_error)
         self.seed = int(seed)
         self.epoch = 0
-        self._known_bad: set[int] = set()
 
     def set_epoch(self, epoch: int) -> None:
         """Change the augmentation draws (they depend on seed, epoch and index only)."""
@@ -449,25 +448,14 @@ class _SceneDataset(Dataset):
         raise NotImplementedError
 
     def __getitem__(self, k: int) -> Sample:
-        n = len(self)
-        if not 0 <= k < n:
-            raise IndexError(f"{type(self).__name__}: index {k} out of range [0, {n})")
-        for step in range(n):
-            j = (k + step) % n  # the next item, deterministically, when one is unreadable
-            if j in self._known_bad:
-                continue
-            try:
-                sample = self._load(j)
-            except DataError as err:
-                self.bad.handle(err)  # raises unless on_error == "skip"
-                self._known_bad.add(j)
-                continue
-            if self.transform is None:
-                return sample
-            if self._transform_takes_rng:
-                return self.transform(sample, self.rng_for(k))
-            return self.transform(sample)
-        raise DataError(self.list_file, f"no readable item left; {self.bad.summary()}")
+        # An unreadable item is replaced by the next readable one (skip mode); the augmentation
+        # stays seeded by the requested index.
+        sample = self.bad.load(k, len(self), self._load, self.list_file)
+        if self.transform is None:
+            return sample
+        if self._transform_takes_rng:
+            return self.transform(sample, self.rng_for(k))
+        return self.transform(sample)
 
 
 class VideoSnippetDataset(_SceneDataset):
@@ -640,7 +628,6 @@ class VideoTestDataset(Dataset):
         self._transform_takes_rng = transform is not None and _accepts_rng(transform)
         self.bad = BadSamples(on_error)
         self.seed = int(seed)
-        self._known_bad: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.images)
@@ -656,25 +643,12 @@ class VideoTestDataset(Dataset):
         return {"image": image, "depth": depth, "index": k, "name": self.images[k].stem}
 
     def __getitem__(self, k: int) -> Sample:
-        n = len(self)
-        if not 0 <= k < n:
-            raise IndexError(f"VideoTestDataset: index {k} out of range [0, {n})")
-        for step in range(n):
-            j = (k + step) % n
-            if j in self._known_bad:
-                continue
-            try:
-                sample = self._load(j)
-            except DataError as err:
-                self.bad.handle(err)
-                self._known_bad.add(j)
-                continue
-            if self.transform is None:
-                return sample
-            if self._transform_takes_rng:
-                return self.transform(sample, np.random.default_rng([self.seed, int(k)]))
-            return self.transform(sample)
-        raise DataError(self.root / "testing", f"no readable item left; {self.bad.summary()}")
+        sample = self.bad.load(k, len(self), self._load, self.root / "testing")
+        if self.transform is None:
+            return sample
+        if self._transform_takes_rng:
+            return self.transform(sample, np.random.default_rng([self.seed, int(k)]))
+        return self.transform(sample)
 
 
 # ----------------------------------------------------------------------------- frame_index.txt
