@@ -7,10 +7,12 @@ interrupted run never leaves a half-written frame behind.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import os
 import tempfile
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -242,3 +244,52 @@ def read_list_file(path: PathLike, min_fields: int = 1, what: str = "list file")
     if not rows:
         raise DataError(path, f"{what} is empty; expected one entry per line")
     return rows
+
+
+class _InertConfig:
+    """Stand-in for configuration objects pickled into official training checkpoints.
+
+    SimMIM / Swin-Transformer save a yacs ``CfgNode`` (a dict subclass) under ``config``. The
+    weights_only loader only fills plain mappings, so this stand-in is created as an
+    ``OrderedDict``: the config arrives as inert data and no code of the original class runs.
+    """
+
+    def __new__(cls, *args: object, **kwargs: object) -> OrderedDict:  # type: ignore[misc]
+        return OrderedDict()
+
+
+# Classes that official checkpoints pickle beside their tensors, mapped to inert stand-ins, so
+# those files load with torch's weights_only loader (which refuses every other class).
+SAFE_CHECKPOINT_GLOBALS: list = [
+    (_InertConfig, "yacs.config.CfgNode"),
+    argparse.Namespace,  # SC-Depth's hparams: an attribute bag, no behaviour on load
+]
+
+
+def safe_torch_load(path: PathLike) -> object:
+    """``torch.load`` without executing pickled code, allowing only the inert classes above.
+
+    Raises :class:`DataError` naming the classes a file needs when it holds anything else.
+    """
+    import pickle
+
+    import torch
+
+    path = _require_file(path, "PyTorch checkpoint")
+    try:
+        with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
+            return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(os.fspath(path))
+        except Exception:  # noqa: BLE001 - only used to improve the message
+            unsafe = []
+        what = f" (it holds {', '.join(unsafe[:5])})" if unsafe else ""
+        raise DataError(
+            path,
+            f"cannot be read without executing pickled code{what}; expected a checkpoint of "
+            "tensors and plain values. Re-save just the weights where the file is trusted, e.g. "
+            "torch.save(torch.load(f, weights_only=False)['model'], 'weights.pth')",
+        ) from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise DataError(path, f"not a readable PyTorch checkpoint ({err})") from err

@@ -461,3 +461,33 @@ def test_official_checkpoint_errors(tmp_path) -> None:
     torch.save({"model": to_official(tiny().state_dict()), "config": NotATensor()}, unsafe)
     with pytest.raises(DataError, match="unsafe.pth.*pickled code.*NotATensor"):
         load_official_checkpoint(unsafe, SwinV2Encoder(**TINY))
+
+
+def test_official_training_checkpoint_with_a_yacs_config_loads_without_running_its_code(
+    tmp_path, monkeypatch
+) -> None:
+    """SimMIM saves {'model': ..., 'config': CfgNode, ...}; the CfgNode arrives as inert data."""
+    import sys
+    import types
+
+    fake = types.ModuleType("yacs.config")
+
+    class CfgNode(dict):
+        def __setstate__(self, state):  # the real class would run this: ours must not
+            raise AssertionError("original class code ran during load")
+
+    CfgNode.__module__ = "yacs.config"
+    CfgNode.__qualname__ = "CfgNode"
+    fake.CfgNode = CfgNode
+    monkeypatch.setitem(sys.modules, "yacs", types.ModuleType("yacs"))
+    monkeypatch.setitem(sys.modules, "yacs.config", fake)
+    cfg = CfgNode(MODEL={"TYPE": "swinv2"}, DATA={"IMG_SIZE": 192})
+    cfg.__dict__["frozen"] = True
+    src = tiny()
+    path = tmp_path / "simmim_train.pth"
+    torch.save({"model": to_official(src.state_dict()), "config": cfg, "epoch": 799}, path)
+    monkeypatch.delitem(sys.modules, "yacs.config")  # the loading machine has no yacs
+    dst = SwinV2Encoder(**TINY)
+    load_official_checkpoint(path, dst)
+    x = image()
+    assert torch.equal(dst.forward_features_masked(x), src.forward_features_masked(x))

@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
@@ -41,7 +40,7 @@ from timm.models.swin_transformer_v2 import SwinTransformerV2
 from torch import Tensor, nn
 
 from mesadepth.errors import ConfigError, DataError, MissingFileError
-from mesadepth.io import atomic_path
+from mesadepth.io import atomic_path, safe_torch_load
 
 __all__ = [
     "PAPER_LAYERS",
@@ -798,23 +797,9 @@ def _read_torch_file(path: Path) -> Any:
     if path.suffix == ".safetensors":
         with safe_open(os.fspath(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
-    try:
-        # weights_only: never run code from a downloaded pickle (project rule).
-        return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        try:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(os.fspath(path))
-        except Exception:
-            unsafe = []
-        what = f" (it holds {', '.join(unsafe[:5])})" if unsafe else ""
-        raise DataError(
-            path,
-            f"cannot be read without executing pickled code{what}; expected a checkpoint of "
-            "tensors only. Re-save just the weights where the file is trusted, e.g. "
-            "torch.save(torch.load(f, weights_only=False)['model'], 'weights.pth')",
-        ) from err
-    except Exception as err:
-        raise DataError(path, f"not a readable PyTorch checkpoint ({err})") from err
+    # Never run code from a downloaded pickle (project rule): tensors, plain values and the
+    # inert stand-ins of mesadepth.io.SAFE_CHECKPOINT_GLOBALS only.
+    return safe_torch_load(path)
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
