@@ -12,9 +12,9 @@ $(STAMP): pyproject.toml requirements.lock
 
 install: $(STAMP)
 
+# Renders the demo world and reads every format back with the loaders (the table it prints).
 demo: $(STAMP)
 	$(VENV)/bin/mesadepth synth --preset demo --out runs/world --overwrite
-	$(VENV)/bin/mesadepth inspect runs/world
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
