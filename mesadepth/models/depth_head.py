@@ -1,0 +1,181 @@
+"""The Xie et al. 2022 NYUv2 depth head and the encoder + head depth model.
+
+Specification: masked-pretraining-and-finetuning.md sections 2.1 (only the last encoder stage
+feeds the head), 2.2 (head layers and initialisation) and pitfalls 11 (no mean/std input
+normalisation) and 15 (the head's intermediate width is the encoder's embed dim).
+
+State-dict layout of :class:`DepthModel` (what checkpoints hold):
+
+- ``encoder.*``: the timm-named :class:`~mesadepth.models.backbone.SwinV2Encoder` keys, the same
+  prefix the encoder files of :func:`~mesadepth.models.backbone.save_encoder` use;
+- ``decoder.*``: the whole head. The reference keeps the last two convolutions outside its
+  ``Decoder`` (``last_layer_depth.*``); here they live in the head, so a reference key
+  ``decoder.deconv_layers.3.weight`` is ours unchanged, ``decoder.conv_layers.*`` likewise, and
+  ``last_layer_depth.N.*`` is ``decoder.last_layer_depth.N.*``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mesadepth.errors import ConfigError
+
+__all__ = ["DECONV_CONFIG", "DepthModel", "XieDepthHead"]
+
+DECONV_CONFIG: dict[int, tuple[int, int]] = {4: (1, 0), 3: (1, 1), 2: (0, 0)}
+"""Deconvolution kernel -> (padding, output_padding), the reference's table (spec 2.2).
+
+Every entry doubles the spatial size at stride 2."""
+
+_INIT_STD = 0.001
+
+
+class XieDepthHead(nn.Module):
+    """Depth head of Xie et al. 2022 (spec 2.2): deconvs, conv, 4x bilinear, conv-ReLU-conv.
+
+    Layers, for features (B, in_channels, h, w):
+
+    1. ``num_deconv`` x [ConvTranspose2d(k, stride 2, no bias), BatchNorm2d, ReLU] ->
+       (B, num_filters[-1], h 2^n, w 2^n) (n = num_deconv; kernel -> padding per
+       :data:`DECONV_CONFIG`);
+    2. Conv2d(num_filters[-1] -> embed_dim, 3, padding 1, bias), BatchNorm2d, ReLU;
+    3. bilinear upsampling x2 (align_corners False), twice;
+    4. ``last_layer_depth``: Conv2d(embed_dim -> embed_dim, 3), ReLU, Conv2d(embed_dim -> 1, 3);
+    5. depth = sigmoid(.) x max_depth, metres in (0, max_depth).
+
+    With the default three deconvolutions the output is 32x the input map, i.e. the encoder's
+    input size. Initialisation (spec 2.2): conv and deconv weights N(0, 0.001^2), conv biases 0,
+    BatchNorm (1, 0), BatchNorm eps/momentum PyTorch defaults; the initial prediction is hence
+    ~max_depth / 2 everywhere.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        embed_dim: int,
+        num_deconv: int = 3,
+        num_filters: Sequence[int] = (32, 32, 32),
+        deconv_kernels: Sequence[int] = (2, 2, 2),
+        max_depth: float = 10.0,
+    ) -> None:
+        super().__init__()
+        num_filters = tuple(int(f) for f in num_filters)
+        deconv_kernels = tuple(int(k) for k in deconv_kernels)
+        if num_deconv < 1 or len(num_filters) < num_deconv or len(deconv_kernels) < num_deconv:
+            raise ConfigError(
+                f"depth head: need num_deconv >= 1 and at least num_deconv entries in "
+                f"num_filters and deconv_kernels, got num_deconv={num_deconv}, "
+                f"num_filters={num_filters}, deconv_kernels={deconv_kernels}"
+            )
+        bad = [k for k in deconv_kernels[:num_deconv] if k not in DECONV_CONFIG]
+        if bad:
+            raise ConfigError(
+                f"depth head: deconv kernel(s) {bad} not supported; choose from "
+                f"{sorted(DECONV_CONFIG)}"
+            )
+        if not max_depth > 0:
+            raise ConfigError(f"depth head: max_depth must be > 0, got {max_depth!r}")
+        self.in_channels = int(in_channels)
+        self.embed_dim = int(embed_dim)
+        self.max_depth = float(max_depth)
+
+        layers: list[nn.Module] = []
+        planes_in = self.in_channels
+        for i in range(num_deconv):
+            kernel = deconv_kernels[i]
+            padding, output_padding = DECONV_CONFIG[kernel]
+            layers += [
+                nn.ConvTranspose2d(
+                    planes_in,
+                    num_filters[i],
+                    kernel_size=kernel,
+                    stride=2,
+                    padding=padding,
+                    output_padding=output_padding,
+                    bias=False,
+                ),
+                nn.BatchNorm2d(num_filters[i]),
+                nn.ReLU(inplace=True),
+            ]
+            planes_in = num_filters[i]
+        self.deconv_layers = nn.Sequential(*layers)
+        self.conv_layers = nn.Sequential(
+            nn.Conv2d(planes_in, self.embed_dim, kernel_size=3, stride=1, padding=1),
+            nn.BatchNorm2d(self.embed_dim),
+            nn.ReLU(inplace=True),
+        )
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        self.last_layer_depth = nn.Sequential(
+            nn.Conv2d(self.embed_dim, self.embed_dim, kernel_size=3, stride=1, padding=1),
+            nn.ReLU(inplace=False),
+            nn.Conv2d(self.embed_dim, 1, kernel_size=3, stride=1, padding=1),
+        )
+        self.init_weights()
+
+    @property
+    def stride(self) -> int:
+        """Output size / input size: 2^num_deconv deconvolutions x 4 (the two upsamplings)."""
+        n_deconv = sum(isinstance(m, nn.ConvTranspose2d) for m in self.deconv_layers)
+        return 2**n_deconv * 4
+
+    def init_weights(self) -> None:
+        """Spec 2.2 initialisation (the reference's ``normal_init`` / ``constant_init``)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.normal_(m.weight, mean=0.0, std=_INIT_STD)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """features (B, in_channels, h, w) -> depth (B, 1, stride h, stride w) in metres."""
+        if features.dim() != 4 or features.shape[1] != self.in_channels:
+            raise ValueError(
+                f"depth head: expected features (B, {self.in_channels}, h, w), got "
+                f"{tuple(features.shape)}"
+            )
+        out = self.conv_layers(self.deconv_layers(features))
+        out = self.up(self.up(out))
+        return torch.sigmoid(self.last_layer_depth(out)) * self.max_depth
+
+
+class DepthModel(nn.Module):
+    """Swin-v2 encoder + depth head (spec 2.1, 2.2): RGB in [0, 1] -> depth in metres.
+
+    ``encoder`` must provide ``forward_features_masked(x)`` -> (B, C, H/32, W/32) after its final
+    norm (:class:`~mesadepth.models.backbone.SwinV2Encoder`); only that last stage feeds the
+    head. The head is registered as ``decoder`` (see the module docstring for the key layout).
+    """
+
+    def __init__(self, encoder: nn.Module, head: XieDepthHead) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = head
+
+    @classmethod
+    def from_encoder(cls, encoder: nn.Module, **head_kwargs: object) -> DepthModel:
+        """Encoder + a :class:`XieDepthHead` sized from it: in = ``num_features`` (8 C0), width =
+        ``embed_dim`` (C0; 192 for L, 128 for B, spec pitfall 15). ``head_kwargs`` go to the head.
+        """
+        head = XieDepthHead(int(encoder.num_features), int(encoder.embed_dim), **head_kwargs)  # type: ignore[arg-type]
+        return cls(encoder, head)
+
+    @property
+    def head(self) -> XieDepthHead:
+        """The depth head (stored as ``decoder`` for the reference's key names)."""
+        return self.decoder
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B, 3, H, W) RGB in [0, 1] -> depth (B, 1, H, W) metres.
+
+        The input is used as is: the fine-tuning protocol feeds [0, 1] RGB without ImageNet
+        mean/std normalisation (spec pitfall 11), although SimMIM pre-training normalised.
+        """
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"depth model: expected images (B, 3, H, W), got {tuple(x.shape)}")
+        return self.decoder(self.encoder.forward_features_masked(x))
