@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from mesadepth.errors import ConfigError
+from mesadepth.errors import ConfigError, DataError
 from mesadepth.models.backbone import build_encoder
 from mesadepth.models.depth_head import DECONV_CONFIG, DepthModel, XieDepthHead
 
@@ -131,3 +131,24 @@ def test_depth_model_feeds_raw_rgb_and_uses_encoder_decoder_prefixes():
     assert bool(((out > 0) & (out < 10)).all())
     with pytest.raises(ValueError):
         model(torch.rand(2, 1, 64, 64))
+
+
+def test_depth_model_round_trips_through_safetensors(tmp_path):
+    from mesadepth.models.backbone import save_encoder
+    from mesadepth.models.depth_head import load_depth_model, save_depth_model
+
+    torch.manual_seed(0)
+    encoder = build_encoder("tiny-cpu", img_size=64)
+    model = DepthModel.from_encoder(encoder, max_depth=7.5, num_filters=(16, 16, 16)).eval()
+    for p in model.decoder.parameters():
+        p.data.normal_(0, 0.05)  # away from the near-constant initial output
+    path = save_depth_model(model, tmp_path / "model.safetensors", metadata={"stage": "finetune"})
+    loaded = load_depth_model(path).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert loaded.decoder.max_depth == 7.5
+    # An encoder-only file (a pre-training stage's output) is refused with a clear reason.
+    save_encoder(encoder, tmp_path / "encoder.safetensors")
+    with pytest.raises(DataError, match="not a fine-tuned depth model"):
+        load_depth_model(tmp_path / "encoder.safetensors")

@@ -16,14 +16,26 @@ State-dict layout of :class:`DepthModel` (what checkpoints hold):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from mesadepth.errors import ConfigError
+from mesadepth.errors import ConfigError, DataError
 
-__all__ = ["DECONV_CONFIG", "DepthModel", "XieDepthHead"]
+__all__ = [
+    "DECONV_CONFIG",
+    "DepthModel",
+    "XieDepthHead",
+    "load_depth_model",
+    "save_depth_model",
+]
+
+HEAD_PREFIX = "decoder."
+_HEAD_META = "depth_head"
 
 DECONV_CONFIG: dict[int, tuple[int, int]] = {4: (1, 0), 3: (1, 1), 2: (0, 0)}
 """Deconvolution kernel -> (padding, output_padding), the reference's table (spec 2.2).
@@ -81,6 +93,15 @@ class XieDepthHead(nn.Module):
         self.in_channels = int(in_channels)
         self.embed_dim = int(embed_dim)
         self.max_depth = float(max_depth)
+        # What save_depth_model records so load_depth_model rebuilds the same head.
+        self.config = {
+            "in_channels": self.in_channels,
+            "embed_dim": self.embed_dim,
+            "num_deconv": int(num_deconv),
+            "num_filters": list(num_filters[:num_deconv]),
+            "deconv_kernels": list(deconv_kernels[:num_deconv]),
+            "max_depth": self.max_depth,
+        }
 
         layers: list[nn.Module] = []
         planes_in = self.in_channels
@@ -179,3 +200,56 @@ class DepthModel(nn.Module):
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"depth model: expected images (B, 3, H, W), got {tuple(x.shape)}")
         return self.decoder(self.encoder.forward_features_masked(x))
+
+
+def save_depth_model(
+    model: DepthModel, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None
+) -> Path:
+    """Write a :class:`DepthModel` as safetensors: ``encoder.*`` + ``decoder.*`` (atomic).
+
+    The metadata holds the encoder config, the head config (``depth_head``) and ``metadata``, so
+    :func:`load_depth_model` rebuilds the model from the file alone. This is the
+    ``model.safetensors`` of a fine-tuning run; its ``encoder.*`` part is an ordinary encoder
+    file that any stage or ``mesadepth cka`` reads.
+    """
+    from mesadepth.models.backbone import save_encoder
+
+    head = {HEAD_PREFIX + k: v for k, v in model.decoder.state_dict().items()}
+    meta = {**dict(metadata or {}), _HEAD_META: model.decoder.config}
+    return save_encoder(model.encoder, path, extra=head, metadata=meta)  # type: ignore[arg-type]
+
+
+def load_depth_model(
+    path: str | os.PathLike[str], encoder_overrides: Mapping[str, Any] | None = None
+) -> DepthModel:
+    """Rebuild and load a depth model written by :func:`save_depth_model` (strict keys/shapes).
+
+    ``encoder_overrides`` (e.g. ``img_size``, ``window_size``) open the weights in another input
+    geometry, as :func:`~mesadepth.models.backbone.load_encoder` allows. A file without a head
+    (an encoder-only file of a pre-training stage) is a :class:`DataError` saying so.
+    """
+    from mesadepth.models.backbone import load_encoder, load_tensors, read_metadata
+
+    meta = read_metadata(path)
+    head_cfg = meta.get(_HEAD_META)
+    if not isinstance(head_cfg, dict):
+        raise DataError(
+            path,
+            f"no depth head config (metadata {_HEAD_META!r}): this is not a fine-tuned depth model "
+            "(pre-training stages write encoder files; fine-tune one with `mesadepth finetune`)",
+        )
+    encoder = load_encoder(path, overrides=encoder_overrides)
+    model = DepthModel(encoder, XieDepthHead(**head_cfg))
+    state = load_tensors(path, HEAD_PREFIX)
+    try:
+        result = model.decoder.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise DataError(path, f"decoder.* shapes do not match the head config: {err}") from err
+    bad = [*result.missing_keys, *result.unexpected_keys]
+    if bad:
+        raise DataError(
+            path,
+            f"decoder.* keys do not match the head config {head_cfg}: missing "
+            f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}",
+        )
+    return model
