@@ -207,6 +207,7 @@ def _pretrain_parser(sub: argparse._SubParsersAction) -> None:
     )
     m.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     m.set_defaults(func=_run_pretrain_masked)
+    # further pre-training stages register here, one line each (register(stages))
 
 
 def _run_pretrain_masked(args: argparse.Namespace) -> int:
@@ -501,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     _pretrain_parser(sub)
     _evaluate_parser(sub)
     _cka_parser(sub)
+    # new subcommands register here, one line each
     return parser
 
 
