@@ -12,9 +12,11 @@ $(STAMP): pyproject.toml requirements.lock
 
 install: $(STAMP)
 
-# Renders the demo world and reads every format back with the loaders (the table it prints).
+# The whole MeSa chain on the synthetic world, on CPU: renders runs/demo/world if needed, runs
+# configs/demo/pipeline.yaml into runs/demo/pipeline and writes runs/demo/pipeline/report.md.
+# Running it again skips finished steps.
 demo: $(STAMP)
-	$(VENV)/bin/mesadepth synth --preset demo --out runs/world --overwrite
+	$(VENV)/bin/mesadepth demo --out runs/demo
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

@@ -127,3 +127,224 @@ def test_missing_prediction_names_the_file(world: Path, tmp_path: Path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "prediction for test image 0" in err and str(tmp_path / "empty") in err
+
+
+# ----------------------------------------------------------------------------- --checkpoint
+
+
+def _tiny_depth_model(seed: int = 0):
+    import torch
+
+    from mesadepth.models.backbone import build_encoder
+    from mesadepth.models.depth_head import DepthModel
+
+    torch.manual_seed(seed)
+    model = DepthModel.from_encoder(build_encoder("tiny-cpu"), num_filters=(8, 8, 8)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("decoder."):
+                p.normal_(0, 0.05)  # away from the near-constant initial output
+            elif name.endswith(("norm1.weight", "norm2.weight")):
+                # timm zero-initialises the res-post-norms: blocks would add nothing, and a
+                # mis-mapped block key could not change the output.
+                p.normal_(1.0, 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory):
+    from mesadepth.models.depth_head import save_depth_model
+
+    model = _tiny_depth_model()
+    path = save_depth_model(model, tmp_path_factory.mktemp("model") / "model.safetensors")
+    return model, path
+
+
+def _official_layout(model) -> dict:
+    """A DepthModel state dict rewritten to MIM-Depth-Estimation's key names (spec 3.2, 2.2)."""
+    import re
+
+    out = {}
+    for key, value in model.state_dict().items():
+        if key == "encoder.mask_token":
+            continue  # the depth repo's encoder has none
+        if key.startswith("encoder."):
+            k = key[len("encoder.") :]
+            # timm puts patch merging at the start of stage i+1, the reference at the end of i.
+            k = re.sub(
+                r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m[1]) - 1}.downsample", k
+            )
+            k = k.replace("cpb_mlp", "rpe_mlp")
+            k = "norm3." + k[len("norm.") :] if k.startswith("norm.") else k
+            out["encoder." + k] = value
+        elif key.startswith("decoder.last_layer_depth."):
+            out[key[len("decoder.") :]] = value  # outside the reference's Decoder
+        else:
+            out[key] = value
+    for name, buf in model.encoder.named_buffers():
+        if name.endswith(("relative_position_index", "relative_coords_table")):
+            out["encoder." + name] = buf  # the reference saves these window buffers
+    return out
+
+
+def _save_official(state: dict, path: Path) -> Path:
+    import torch
+
+    # A training file (spec pitfall 24): {'model': DataParallel state dict, 'optimizer': ...}.
+    torch.save(
+        {"model": {"module." + k: v for k, v in state.items()}, "optimizer": {"lr": 1e-4}},
+        path,
+    )
+    return path
+
+
+def _eval_args(dataset: str, data: Path, out: Path, *extra: str) -> list[str]:
+    args = ["evaluate", "--dataset", dataset, "--data", str(data), "--out", str(out), "--quiet"]
+    return [*args, *(["--ibims-scaled-planes"] if dataset == "ibims" else []), *extra]
+
+
+@pytest.mark.parametrize("dataset", ["nyu", "ibims"])
+def test_checkpoint_scores_equal_its_saved_predictions(tiny_world, tiny_model, tmp_path, dataset):
+    from mesadepth.evaluation.evaluate import ibims_samples, model_predictor, nyu_samples
+
+    model, path = tiny_model
+    data = tiny_world / dataset
+    if dataset == "nyu":
+        samples = list(nyu_samples(data / "nyu_depth_v2_labeled.mat", data / "splits.mat"))
+    else:
+        samples = list(ibims_samples(data))
+    # Predictions made one image at a time by the existing reference path, saved as .npy.
+    predict = model_predictor(model, "cpu", flip=True, shift_window=True)
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    expected = {s.name: predict(s.image) for s in samples}
+    for name, p in expected.items():
+        np.save(preds / f"{name}.npy", p)
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert main(_eval_args(dataset, data, a, "--predictions", str(preds))) == 0
+    saved = tmp_path / "saved"
+    assert (
+        main(
+            _eval_args(
+                dataset,
+                data,
+                b,
+                "--checkpoint",
+                str(path),
+                "--device",
+                "cpu",
+                "--save-predictions",
+                str(saved),
+            )
+        )
+        == 0
+    )
+    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+    assert rb["n_images"] == len(samples) > 0
+    assert ra["mean"] == rb["mean"] and ra["per_image"] == rb["per_image"]  # exact
+    assert rb["source"]["format"] == "mesadepth" and rb["source"]["flip"] is True
+    for name, p in expected.items():
+        assert np.array_equal(np.load(saved / f"{name}.npy"), p)
+    # The protocol matters: without flip averaging the scores change.
+    c = tmp_path / "c.json"
+    assert main(_eval_args(dataset, data, c, "--checkpoint", str(path), "--no-flip")) == 0
+    assert json.loads(c.read_text())["per_image"] != rb["per_image"]
+
+
+def test_batched_evaluation_matches_one_image_at_a_time(tiny_world, tiny_model, tmp_path):
+    from mesadepth.evaluation.evaluate import model_batch_predictor, model_predictor
+
+    model, path = tiny_model
+    one, two = tmp_path / "1.json", tmp_path / "2.json"
+    data = tiny_world / "nyu"
+    assert main(_eval_args("nyu", data, one, "--checkpoint", str(path))) == 0
+    assert main(_eval_args("nyu", data, two, "--checkpoint", str(path), "--batch", "2")) == 0
+    r1, r2 = json.loads(one.read_text()), json.loads(two.read_text())
+    assert [m["name"] for m in r1["per_image"]] == [m["name"] for m in r2["per_image"]]
+    for k, v in r1["mean"].items():
+        assert r2["mean"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    # Mixed sizes in one call: grouped by size, returned in input order, each equal to the
+    # one-image path; a 200 x 48 panorama gets enough windows to be covered (no NaN strip).
+    rng = np.random.default_rng(0)
+    images = [
+        rng.integers(0, 256, s, dtype=np.uint8) for s in [(48, 64, 3), (60, 80, 3), (48, 64, 3)]
+    ]
+    batched = model_batch_predictor(model)(images)
+    single = model_predictor(model)
+    for im, got in zip(images, batched, strict=True):
+        np.testing.assert_allclose(got, single(im), rtol=1e-5, atol=1e-6)
+    wide = model_batch_predictor(model)([rng.integers(0, 256, (48, 200, 3), dtype=np.uint8)])[0]
+    assert wide.shape == (48, 200) and np.isfinite(wide).all()
+
+
+def test_official_layout_checkpoint_loads_strictly_and_predicts_identically(
+    tiny_world, tiny_model, tmp_path
+):
+    import torch
+
+    from mesadepth.errors import DataError
+    from mesadepth.models.depth_head import load_official_depth_model
+
+    model, path = tiny_model
+    state = _official_layout(model)
+    assert "encoder.layers.0.downsample.reduction.weight" in state  # really the other layout
+    assert "encoder.norm3.weight" in state and "last_layer_depth.2.bias" in state
+    pth = _save_official(state, tmp_path / "official.pth")
+    loaded = load_official_depth_model(pth, "tiny-cpu", max_depth=model.decoder.max_depth).eval()
+    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert loaded.decoder.config == model.decoder.config
+
+    # Through the command: the same metrics as the project file.
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    data = tiny_world / "nyu"
+    assert main(_eval_args("nyu", data, a, "--checkpoint", str(path))) == 0
+    assert main(_eval_args("nyu", data, b, "--checkpoint", str(pth), "--encoder", "tiny-cpu")) == 0
+    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+    assert ra["per_image"] == rb["per_image"] and rb["source"]["format"] == "official"
+
+    # Mismatches are named.
+    broken = dict(state)
+    del broken["last_layer_depth.2.bias"]
+    with pytest.raises(DataError, match=r"missing key\(s\): last_layer_depth\.2\.bias"):
+        load_official_depth_model(_save_official(broken, tmp_path / "b1.pth"), "tiny-cpu")
+    broken = {**state, "encoder.layers.0.blocks.0.attn.gate": torch.zeros(1)}
+    with pytest.raises(
+        DataError,
+        match=r"encoder\.\* part: .*unexpected key\(s\): layers\.0\.blocks\.0\.attn\.gate",
+    ):
+        load_official_depth_model(_save_official(broken, tmp_path / "b2.pth"), "tiny-cpu")
+    broken = {**state, "head.fc.weight": torch.zeros(2)}
+    with pytest.raises(DataError, match=r"outside encoder.*head\.fc\.weight"):
+        load_official_depth_model(_save_official(broken, tmp_path / "b3.pth"), "tiny-cpu")
+    broken = {k: v for k, v in state.items() if not k.startswith("encoder.layers.3.")}
+    with pytest.raises(DataError, match=r"missing key\(s\): layers\.3\.blocks\.0"):
+        load_official_depth_model(_save_official(broken, tmp_path / "b4.pth"), "tiny-cpu")
+    with pytest.raises(DataError, match="head takes 128-channel features but encoder"):
+        load_official_depth_model(pth, "tiny-cpu", {"embed_dim": 8, "num_heads": [1, 1, 1, 1]})
+    # The paper's default encoder (Swin-v2-L) cannot take the tiny weights: one clear line.
+    code = main(_eval_args("nyu", data, tmp_path / "c.json", "--checkpoint", str(pth)))
+    assert code == 2
+
+
+def test_checkpoint_and_predictions_options_are_exclusive(tiny_world, tiny_model, tmp_path, capsys):
+    _, path = tiny_model
+    data = tiny_world / "nyu"
+    out = tmp_path / "m.json"
+    for extra in ([], ["--checkpoint", str(path), "--predictions", str(tmp_path)]):
+        with pytest.raises(SystemExit) as exc:
+            main(_eval_args("nyu", data, out, *extra))
+        assert exc.value.code == 2
+    assert "--checkpoint" in capsys.readouterr().err
+    assert main(_eval_args("nyu", data, out, "--predictions", str(tmp_path), "--no-flip")) == 2
+    assert "--no-flip only apply with --checkpoint" in capsys.readouterr().err
+    # A project file records its encoder: --encoder is refused instead of silently ignored.
+    assert (
+        main(_eval_args("nyu", data, out, "--checkpoint", str(path), "--encoder", "tiny-cpu")) == 2
+    )
+    assert "only apply to official .pth" in capsys.readouterr().err
+    assert main(_eval_args("nyu", data, out, "--checkpoint", str(tmp_path / "none.pth"))) == 2
+    assert "missing depth model checkpoint" in capsys.readouterr().err
+    assert not out.exists()

@@ -17,16 +17,22 @@ maps (``--predictions DIR``): one file per test image named by its name (``<name
 metres or ``<name>.png`` 16-bit millimetres) or by its 0-based position in the test order
 (``00000.npy``), as the official IBims-1 script and BTS's ``eval_with_pngs`` do, so other
 methods can be scored under exactly the same protocol.
+
+Models (``--checkpoint``): :func:`load_checkpoint_model` opens this project's depth models
+(``model.safetensors``, or a run folder holding one) and official MIM-Depth-Estimation ``.pth``
+depth models (:func:`~mesadepth.models.depth_head.load_official_depth_model`);
+:func:`model_batch_predictor` runs several images of one size, their windows and their mirrors as
+one forward batch; :func:`evaluate_model` scores a model through it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -44,6 +50,9 @@ from mesadepth.evaluation.metrics import (
 )
 from mesadepth.evaluation.protocol import predict_with_tta
 from mesadepth.io import atomic_write_text, read_png_uint16
+
+if TYPE_CHECKING:
+    from mesadepth.models.depth_head import DepthModel
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -264,3 +273,229 @@ def summary_table(results: dict[str, Any]) -> str:
         )
         return head + "\n" + vals
     return format_table(mean)
+
+
+# ----------------------------------------------------------------------------- models from checkpoints
+
+#: Encoder of an official depth checkpoint unless told otherwise: the paper's Swin-v2-L at 480 px.
+OFFICIAL_ENCODER = "swinv2_large_window30_480"
+#: The reference's ``--max_depth`` for NYUv2 (metres); official files do not store it.
+OFFICIAL_MAX_DEPTH = 10.0
+
+
+def _is_project_file(path: Path) -> bool:
+    """A safetensors file written by this project (its metadata names the format)."""
+    if path.suffix != ".safetensors":
+        return False
+    from mesadepth.models.backbone import _META_FORMAT, _open_safetensors
+
+    meta, _ = _open_safetensors(path)  # a corrupt header is a DataError naming the file
+    return _META_FORMAT in meta
+
+
+def load_checkpoint_model(
+    path: str | os.PathLike[str],
+    encoder: str | None = None,
+    encoder_overrides: Mapping[str, Any] | None = None,
+    max_depth: float | None = None,
+) -> tuple[DepthModel, dict[str, Any]]:
+    """Open a depth model for evaluation or prediction; returns (model in eval mode, description).
+
+    ``path`` is a fine-tuning run folder (its ``model.safetensors``), this project's depth model
+    file (:func:`~mesadepth.models.depth_head.load_depth_model`; the file records its encoder and
+    head, ``encoder_overrides`` such as ``img_size`` re-open it in another geometry) or an
+    official MIM-Depth-Estimation depth model (``.pth`` / ``.pt`` / foreign ``.safetensors``;
+    :func:`~mesadepth.models.depth_head.load_official_depth_model`), whose encoder is the preset
+    ``encoder`` (default :data:`OFFICIAL_ENCODER`) with the overrides and whose ``max_depth``
+    defaults to :data:`OFFICIAL_MAX_DEPTH`. ``encoder`` / ``max_depth`` with a project file are
+    a :class:`ConfigError` (the file already says what it is).
+    """
+    from mesadepth.models.depth_head import load_depth_model, load_official_depth_model
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+        if not path.is_file():
+            raise MissingFileError(
+                path, "depth model of a fine-tuning run", "written by `mesadepth finetune`"
+            )
+    if not path.is_file():
+        raise MissingFileError(
+            path,
+            "depth model checkpoint",
+            "a fine-tuning run's model.safetensors (mesadepth finetune) or an official "
+            "MIM-Depth-Estimation .pth depth model",
+        )
+    overrides = dict(encoder_overrides or {})
+    if _is_project_file(path):
+        given = [n for n, v in (("encoder", encoder), ("max_depth", max_depth)) if v is not None]
+        if given:
+            raise ConfigError(
+                f"{path}: a mesadepth depth model records its encoder and head; {', '.join(given)} "
+                "only apply to official .pth checkpoints (use key=value overrides to change the "
+                "encoder geometry)"
+            )
+        model = load_depth_model(path, overrides or None)
+        info = {"format": "mesadepth"}
+    else:
+        model = load_official_depth_model(
+            path,
+            encoder or OFFICIAL_ENCODER,
+            overrides,
+            OFFICIAL_MAX_DEPTH if max_depth is None else max_depth,
+        )
+        info = {"format": "official", "encoder": encoder or OFFICIAL_ENCODER}
+    info.update(
+        {
+            "checkpoint": os.fspath(path),
+            "encoder_overrides": overrides,
+            "encoder_config": getattr(model.encoder, "config", None),
+            "head_config": model.decoder.config,
+        }
+    )
+    return model.eval(), info
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; a CUDA device without CUDA is a
+    :class:`ConfigError` (instead of torch's assertion deep inside ``.to()``)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available here; use cpu")
+    try:
+        torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"device {device!r}: {err}") from None
+    return device
+
+
+# ----------------------------------------------------------------------------- batched prediction
+
+
+def windows_to_cover(length: int, side: int, n_windows: int = 2) -> int:
+    """``n_windows``, raised to the fewest windows of ``side`` that cover ``length`` (ours).
+
+    The protocol's two windows cover any image up to twice as long as high (480 x 640 needs 2);
+    a wider panorama would leave an uncovered strip, so more windows slide along it.
+    """
+    if length <= side:
+        return max(1, n_windows)
+    return max(n_windows, -(-(length - side) // side) + 1)
+
+
+def model_batch_predictor(
+    model: torch.nn.Module,
+    device: str = "cpu",
+    flip: bool = True,
+    shift_window: bool = True,
+    n_windows: int = 2,
+) -> Callable[[Sequence[np.ndarray]], list[np.ndarray]]:
+    """[(H_i, W_i, 3) uint8, ...] -> [(H_i, W_i) float32 metres, ...], batched test-time protocol.
+
+    The same protocol and numerics as :func:`model_predictor` (RGB / 255 without mean/std
+    normalisation, square windows of the shorter side resized to the encoder input, flip
+    averaging, spec 2.8), but images of one size go through the model together: B images with
+    flip and two windows are one forward pass of 4B crops (the reference's batch of 4 per image).
+    Images of different sizes are grouped by size. With one image per call the result is
+    bit-identical to :func:`model_predictor`; batches agree to float rounding. Images longer
+    than two windows get more windows (:func:`windows_to_cover`) instead of an uncovered strip.
+    """
+    model = model.to(device).eval()
+    side = _input_side(model)
+
+    def net(x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if (h, w) != (side, side):
+            x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+        y = model(x)
+        if y.shape[-2:] != (h, w):
+            y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
+        return y
+
+    def predict(images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            if image.ndim != 3 or image.shape[2] != 3:
+                raise ConfigError(f"image {i}: expected (H, W, 3) RGB, got shape {image.shape}")
+            groups.setdefault((int(image.shape[0]), int(image.shape[1])), []).append(i)
+        out: list[np.ndarray] = [np.empty(0, np.float32)] * len(images)
+        for (h, w), idx in groups.items():
+            stack = np.stack([np.asarray(images[i], dtype=np.float32) for i in idx])
+            x = torch.from_numpy(stack).permute(0, 3, 1, 2).div(255.0).to(device)
+            n = windows_to_cover(max(h, w), min(h, w), n_windows)
+            with torch.inference_mode():
+                y = predict_with_tta(net, x, shift_window=shift_window, flip=flip, n_windows=n)
+            depth = y[:, 0].float().cpu().numpy()
+            for k, i in enumerate(idx):
+                out[i] = depth[k]
+        return out
+
+    return predict
+
+
+def _at_gt_size(pred: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    # Spec datasets 5.4: metrics are computed at the ground-truth resolution; a prediction of
+    # another size (an RGB-D folder whose images and depth maps differ) is resized bilinearly.
+    if pred.shape == tuple(shape):
+        return pred
+    t = torch.from_numpy(np.ascontiguousarray(pred, dtype=np.float32))[None, None]
+    return F.interpolate(t, size=tuple(shape), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def evaluate_model(
+    dataset: str,
+    samples: Iterator[Sample],
+    predict_batch: Callable[[Sequence[np.ndarray]], list[np.ndarray]],
+    *,
+    batch: int = 1,
+    total: int | None = None,
+    progress: bool = True,
+    ibims_scaled_planes: bool = False,
+    save_predictions: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """:func:`evaluate` with predictions from a model, ``batch`` test images per forward call.
+
+    ``predict_batch`` is a :func:`model_batch_predictor`. Up to ``batch`` samples are read ahead
+    and predicted together; scoring is per image, exactly as :func:`evaluate`. Predictions are
+    resized to the ground truth's size when they differ (bilinear). ``save_predictions`` writes
+    ``<name>.npy`` (float32 metres) per image, readable by ``--predictions``.
+    """
+    from collections import deque
+    from itertools import islice
+
+    from mesadepth.io import atomic_path
+
+    if batch < 1:
+        raise ConfigError(f"batch must be >= 1, got {batch}")
+    out_dir = Path(save_predictions) if save_predictions is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    ready: deque[tuple[Sample, np.ndarray]] = deque()
+
+    def read_ahead() -> Iterator[Sample]:
+        it = iter(samples)
+        while chunk := list(islice(it, batch)):
+            preds = predict_batch([s.image for s in chunk])
+            ready.extend(
+                (s, _at_gt_size(p, s.depth.shape)) for s, p in zip(chunk, preds, strict=True)
+            )
+            yield from chunk
+
+    def read(sample: Sample, _index: int) -> np.ndarray:
+        held, pred = ready.popleft()
+        if held is not sample:  # evaluate() scores each sample as soon as it is yielded
+            raise RuntimeError("evaluate_model: prediction order out of step with the samples")
+        if out_dir is not None:
+            with atomic_path(out_dir / f"{sample.name}.npy") as tmp:
+                np.save(tmp, pred.astype(np.float32), allow_pickle=False)
+        return pred
+
+    return evaluate(
+        dataset,
+        read_ahead(),
+        read,
+        total=total,
+        progress=progress,
+        ibims_scaled_planes=ibims_scaled_planes,
+    )

@@ -253,3 +253,203 @@ def load_depth_model(
             f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}",
         )
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Official MIM-Depth-Estimation (GLPDepth-style) depth models. (Appended section: its imports are
+# local so the module's import block stays as it was.)
+
+_LAST_LAYER = "last_layer_depth."
+
+
+def _official_head_state(
+    state: Mapping[str, Tensor], path: str | os.PathLike[str]
+) -> dict[str, tuple[Tensor, str]]:
+    """Head tensors of an official depth model under :class:`XieDepthHead` keys.
+
+    Returns ``{head key: (tensor, key as the file spells it)}``: ``decoder.X`` -> ``X``, and the
+    reference's ``last_layer_depth.*`` (outside its Decoder) moves into the head unchanged. A file
+    in this project's layout (``decoder.last_layer_depth.*``) reads the same way.
+    """
+    out: dict[str, tuple[Tensor, str]] = {}
+    for key, value in state.items():
+        if key.startswith(HEAD_PREFIX):
+            ours = key[len(HEAD_PREFIX) :]
+        elif key.startswith(_LAST_LAYER):
+            ours = key
+        else:
+            continue
+        if ours in out:
+            raise DataError(
+                path,
+                f"both {out[ours][1]!r} and {key!r} map to the head key {ours!r}; expected one",
+            )
+        out[ours] = (value, key)
+    return out
+
+
+def _head_config_from_shapes(
+    head: Mapping[str, tuple[Tensor, str]], max_depth: float, path: str | os.PathLike[str]
+) -> dict[str, Any]:
+    """:class:`XieDepthHead` arguments read off the tensor shapes (spec 2.2 layout).
+
+    ConvTranspose2d weights (in, out, k, k) sit at ``deconv_layers.{3i}.weight``: the first
+    ``in`` is the encoder's feature width, each ``out`` a filter count, each ``k`` a kernel;
+    ``conv_layers.0.weight`` is (embed_dim, filters, 3, 3). ``max_depth`` is not in the weights
+    (the reference passes ``--max_depth`` on the command line: 10 m for NYUv2).
+    """
+    import re
+
+    pattern = re.compile(r"^deconv_layers\.(\d+)\.weight$")
+    deconvs = sorted(
+        (int(m.group(1)), t)
+        for k, (t, _) in head.items()
+        if (m := pattern.match(k)) is not None and t.dim() == 4
+    )
+    conv = head.get("conv_layers.0.weight")
+    if not deconvs or conv is None or conv[0].dim() != 4:
+        raise DataError(
+            path,
+            "cannot size the depth head: expected decoder.deconv_layers.0.weight "
+            "(ConvTranspose2d) and decoder.conv_layers.0.weight (Conv2d); head keys found: "
+            f"{', '.join(sorted(v[1] for v in head.values())[:6]) or 'none'}",
+        )
+    if any(w.shape[2] != w.shape[3] for _, w in deconvs):
+        raise DataError(path, "the head has a non-square deconvolution kernel; expected k x k")
+    return {
+        "in_channels": int(deconvs[0][1].shape[0]),
+        "embed_dim": int(conv[0].shape[0]),
+        "num_deconv": len(deconvs),
+        "num_filters": [int(w.shape[1]) for _, w in deconvs],
+        "deconv_kernels": [int(w.shape[2]) for _, w in deconvs],
+        "max_depth": float(max_depth),
+    }
+
+
+def load_official_depth_model(
+    path: str | os.PathLike[str],
+    encoder: str | Mapping[str, Any] = "swinv2_large_window30_480",
+    encoder_overrides: Mapping[str, Any] | None = None,
+    max_depth: float = 10.0,
+) -> DepthModel:
+    """A whole MIM-Depth-Estimation depth model (``.pth``) as a :class:`DepthModel`, loaded strictly.
+
+    The file (read without executing pickled code) holds the reference ``GLPDepth`` state dict,
+    optionally inside ``model`` / ``state_dict`` / ``module`` (training files, spec pitfall 24)
+    and with DataParallel's ``module.`` prefix: ``encoder.*`` in the reference Swin-v2 naming,
+    ``decoder.deconv_layers.*``, ``decoder.conv_layers.*`` and ``last_layer_depth.{0,2}.*``.
+
+    - Encoder: built from ``encoder`` (preset name or config mapping; default the paper's
+      Swin-v2-L at 480 px, windows (30, 30, 30, 15), pretrained windows (12, 12, 12, 6), LayerNorm
+      eps 1e-6, spec 2.1) with ``encoder_overrides``, and filled by
+      :func:`~mesadepth.models.backbone.load_official_checkpoint` (spec 3.2: patch merging moves
+      to the next stage, ``rpe_mlp`` -> ``cpb_mlp``, ``norm3`` -> ``norm``, window buffers
+      recomputed for the target windows; strict otherwise).
+    - Head: sized from the tensor shapes, ``max_depth`` from the argument (metres), strict.
+
+    Keys outside encoder/decoder/last_layer_depth, and missing, unexpected or mis-shaped keys,
+    raise :class:`DataError` naming the first few. The file is read twice (head here, encoder in
+    the backbone importer), one copy held at a time.
+    """
+    from mesadepth.errors import MissingFileError
+    from mesadepth.models.backbone import (
+        ENCODER_PREFIX,
+        SWINV2_PRESETS,
+        _read_torch_file,
+        _unwrap,
+        build_encoder,
+        load_official_checkpoint,
+    )
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(
+            path,
+            "depth model checkpoint",
+            "a fine-tuned run's model.safetensors, or an official MIM-Depth-Estimation .pth such "
+            "as the NYUv2 Swin-v2-L model linked from that repository's README",
+        )
+    if not max_depth > 0:
+        raise ConfigError(f"max_depth must be > 0 metres, got {max_depth!r}")
+    state = _unwrap(_read_torch_file(path), path)
+    state = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
+    if not any(k.startswith(ENCODER_PREFIX) for k in state):
+        if any(k.startswith("model." + ENCODER_PREFIX) for k in state):
+            raise DataError(
+                path,
+                "a Lightning training checkpoint (model.encoder.* keys): evaluate the run's "
+                "model.safetensors, which `mesadepth finetune` exports beside checkpoints/",
+            )
+        raise DataError(
+            path,
+            "no encoder.* keys, so not a whole depth model (an encoder-only Swin-v2 / SimMIM "
+            "checkpoint is fine-tuned first: mesadepth finetune init=FILE); keys found: "
+            f"{', '.join(sorted(state)[:4])}",
+        )
+    stray = sorted(k for k in state if not k.startswith((ENCODER_PREFIX, HEAD_PREFIX, _LAST_LAYER)))
+    if stray:
+        raise DataError(
+            path,
+            f"{len(stray)} unexpected key(s) outside encoder.* / decoder.* / last_layer_depth.*: "
+            f"{', '.join(stray[:5])}",
+        )
+    head_state = _official_head_state(state, path)
+    del state  # the encoder importer reads the file again; hold one copy at a time
+    if not head_state:
+        raise DataError(
+            path,
+            "no decoder.* / last_layer_depth.* keys: an encoder checkpoint, not a depth model "
+            "(fine-tune it first: mesadepth finetune init=FILE)",
+        )
+    head_cfg = _head_config_from_shapes(head_state, max_depth, path)
+
+    cfg: dict[str, Any] = {"preset": encoder} if isinstance(encoder, str) else dict(encoder)
+    cfg.update(encoder_overrides or {})
+    # The feature width is known before building (Swin-v2-L takes seconds to initialise), so a
+    # head / encoder mismatch fails fast: width = embed_dim x 2^(stages - 1).
+    resolved = {**SWINV2_PRESETS.get(cfg.get("preset", ""), {}), **cfg}
+    if "embed_dim" in resolved and "depths" in resolved:
+        width = int(resolved["embed_dim"]) * 2 ** (len(resolved["depths"]) - 1)
+    else:
+        width = None
+    if width is None or width == head_cfg["in_channels"]:
+        enc = build_encoder(cfg)
+        width = int(enc.num_features)
+    if width != head_cfg["in_channels"]:
+        raise DataError(
+            path,
+            f"the head takes {head_cfg['in_channels']}-channel features but encoder {encoder!r} "
+            f"gives {width}: choose the matching preset (1536 = Swin-v2-L, 1024 = Swin-v2-B)",
+        )
+    try:
+        load_official_checkpoint(path, enc, strict=True)
+    except DataError as err:
+        raise DataError(path, f"encoder.* part: {err.problem}") from None
+
+    try:
+        head = XieDepthHead(**head_cfg)
+    except ConfigError as err:
+        raise DataError(path, f"unsupported depth head {head_cfg}: {err}") from None
+    expected = head.state_dict()
+    missing = [
+        k if k.startswith(_LAST_LAYER) else HEAD_PREFIX + k for k in expected if k not in head_state
+    ]
+    unexpected = [v[1] for k, v in head_state.items() if k not in expected]
+    shapes = [
+        f"{head_state[k][1]} (file {tuple(head_state[k][0].shape)}, model {tuple(t.shape)})"
+        for k, t in expected.items()
+        if k in head_state and tuple(head_state[k][0].shape) != tuple(t.shape)
+    ]
+    problems = [
+        f"{len(keys)} {label} key(s): {', '.join(keys[:5])}"
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape-mismatched", shapes),
+        )
+        if keys
+    ]
+    if problems:
+        raise DataError(path, f"depth head {head_cfg} does not match: " + "; ".join(problems))
+    head.load_state_dict({k: v[0] for k, v in head_state.items()}, strict=True)
+    return DepthModel(enc, head)

@@ -1,0 +1,70 @@
+"""report.md pieces: the paper's relative-improvement row and the honest ordering sentence."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from mesadepth.report import (
+    IBIMS_COLUMNS,
+    NYU_COLUMNS,
+    ordering_statement,
+    relative_improvement,
+    table_markdown,
+    write_report,
+)
+
+MP = {"rmse": 0.400, "d1": 0.800, "d2": 0.950, "d3": 0.990, "abs_rel": 0.120, "log10": 0.050}
+MESA = {"rmse": 0.300, "d1": 0.880, "d2": 0.950, "d3": 0.990, "abs_rel": 0.090, "log10": 0.040}
+
+
+def test_relative_improvement_signs_follow_the_column_direction():
+    imp = relative_improvement(MP, MESA, NYU_COLUMNS)
+    assert math.isclose(imp["rmse"], 25.0)  # (0.4 - 0.3) / 0.4
+    assert math.isclose(imp["d1"], 10.0)  # (0.88 - 0.8) / 0.8, higher is better
+    assert imp["d2"] == 0.0
+    assert math.isclose(imp["abs_rel"], 25.0)
+    worse = relative_improvement(MESA, MP, NYU_COLUMNS)
+    assert worse["rmse"] < 0 and worse["d1"] < 0
+    assert math.isnan(relative_improvement({"rmse": None}, MESA, NYU_COLUMNS)["rmse"])
+
+
+def test_table_has_one_row_per_variant_and_the_improvement_row():
+    text = table_markdown({"MP": MP, "MP+GP+SP": MESA}, NYU_COLUMNS, ("MP", "MP+GP+SP"))
+    lines = text.splitlines()
+    assert lines[0].startswith("| pre-training | RMSE ↓ | δ1 ↑")
+    assert lines[2] == "| MP | 0.400 | 0.800 | 0.950 | 0.990 | 0.120 | 0.050 |"
+    assert lines[-1].startswith("| MP+GP+SP vs MP | +25.0 % | +10.0 % | +0.0 %")
+
+
+def test_ordering_statement_says_when_the_paper_ordering_is_absent():
+    paper = {"MP": {"rmse": 0.3}, "MP+GP": {"rmse": 0.28}, "MP+GP+SP": {"rmse": 0.27}}
+    assert "the ordering the paper reports" in ordering_statement(paper, "rmse", "RMSE")
+    flipped = {"MP": {"rmse": 0.27}, "MP+GP": {"rmse": 0.28}, "MP+GP+SP": {"rmse": 0.3}}
+    s = ordering_statement(flipped, "rmse", "RMSE")
+    assert "does not appear" in s and "best here is MP." in s
+
+
+def test_write_report_reads_the_run_files(tmp_path):
+    for v, nyu, ibims in (
+        ("MP", MP, {"dbe_acc": 3.0, "dbe_com": 8.0, "pe_fla": 4.0, "pe_ori": 20.0, "rel": 0.2}),
+        (
+            "MP+GP+SP",
+            MESA,
+            {"dbe_acc": 2.0, "dbe_com": 6.0, "pe_fla": 3.0, "pe_ori": 15.0, "rel": 0.1},
+        ),
+    ):
+        d = tmp_path / "evaluate" / v.replace("+", "_")
+        d.mkdir(parents=True)
+        (d / "nyu.json").write_text(json.dumps({"mean": nyu, "count": 7}))
+        (d / "ibims.json").write_text(json.dumps({"mean": ibims}))
+    (tmp_path / "masked").mkdir()
+    (tmp_path / "masked" / ".done.json").write_text(json.dumps({"seconds": 12.5}))
+    path = write_report(tmp_path, ["MP", "MP+GP+SP"], {}, None, notes=["Demo note."])
+    text = path.read_text()
+    assert "Demo note." in text
+    assert "| MP+GP+SP vs MP | +25.0 % | +10.0 %" in text
+    # IBims: every column lower-is-better; dbe_acc 3 -> 2 is a 33.3 % improvement.
+    assert "| MP+GP+SP vs MP | +33.3 % | +25.0 % | +25.0 % | +25.0 % | +50.0 % |" in text
+    assert "| masked | 12.5 |" in text
+    assert [c[0] for c in IBIMS_COLUMNS] == ["dbe_acc", "dbe_com", "pe_fla", "pe_ori", "rel"]

@@ -1,0 +1,340 @@
+"""Stages 2 and 3 (SC-DepthV2 / SC-DepthV3 on video): metrics, initialisation, CLI errors, and
+short CPU runs on the tiny world that learn and resume bit-identically."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mesadepth.cli import main
+from mesadepth.config import load_config
+from mesadepth.data.video import read_scene_list
+from mesadepth.io import read_depth_png, write_png
+from mesadepth.models.backbone import build_encoder, save_encoder
+from mesadepth.stages.video import (
+    VideoDataModule,
+    VideoPretraining,
+    VideoRecipe,
+    export_model,
+    run_video,
+    scaled_depth_errors,
+)
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Two OpenMP threads on 2 cores shared with other processes spin-wait badly (seconds per
+    # step); one thread keeps these CPU runs short and steady.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _recipe(root: Path, run: Path, version: str = "v2", *overrides: str) -> VideoRecipe:
+    """A tiny recipe: 64x64 training size, narrow pose nets and decoder, no sanity check."""
+    return load_config(
+        VideoRecipe,
+        None,
+        [
+            f"run_dir={run}",
+            f"version={version}",
+            "encoder.preset=tiny-cpu",
+            "encoder.drop_path_rate=0.0",
+            "decoder.num_ch_dec=[8,16,16,32,32]",
+            "pose.width=8",
+            f"data.root={root}",
+            "data.size=[64,64]",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            "trainer.accelerator=cpu",
+            "trainer.devices=1",
+            "trainer.progress_bar=false",
+            "trainer.num_sanity_val_steps=0",
+            "trainer.log_every_n_steps=1",
+            "figures=1",
+            *overrides,
+        ],
+    )
+
+
+def _with_pseudo_depth(tiny_world: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny world's video with pseudo-depth made from the ground truth as spec 1.4
+    stores LeReS output: depth / per-image max x 60000, uint16 (scale-free, like a teacher's)."""
+    root = tmp_path / "video"
+    shutil.copytree(tiny_world / "video", root)
+    training = root / "training"
+    for name in read_scene_list(training / "train.txt") + read_scene_list(training / "val.txt"):
+        for png in sorted((training / name / "depth").glob("*.png")):
+            d = read_depth_png(png, 5000.0)
+            pseudo = np.trunc(d / d.max() * 60000.0).astype(np.uint16)
+            write_png(training / name / "leres_depth" / png.name, pseudo)
+    return root
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_scaled_depth_errors_use_the_lower_median_and_skip_images_without_ground_truth():
+    # gt 1, 2, 3, 4 m against a constant prediction: torch's lower median scales it to 2 m
+    # (NumPy's median would give 2.5 m and other numbers).
+    gt = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
+    pred = torch.full((1, 1, 1, 1), 7.0)  # also resized to the ground truth's 2 x 2
+    empty = torch.zeros(1, 1, 2, 2)  # no valid pixel: left out of the mean
+    m, n = scaled_depth_errors(
+        torch.cat([pred, pred]), torch.cat([gt, empty]), crop=None, max_depth=10.0
+    )
+    assert n == 1
+    err = np.array([1.0, 0.0, 1.0, 2.0])  # |g - 2|
+    g = np.array([1.0, 2.0, 3.0, 4.0])
+    assert m["abs_diff"] == pytest.approx(err.mean())
+    assert m["abs_rel"] == pytest.approx(np.mean(err / g))  # 0.4583
+    assert m["sq_rel"] == pytest.approx(np.mean(err**2 / g))
+    assert m["rmse"] == pytest.approx(math.sqrt(np.mean(err**2)))
+    assert m["rmse_log"] == pytest.approx(math.sqrt(np.mean(np.log(g / 2) ** 2)))
+    assert m["log10"] == pytest.approx(np.mean(np.abs(np.log10(g / 2))))
+    # ratios 2, 1, 1.5, 2: 1 < 1.25; 1.5 < 1.25^2 = 1.5625; 2 > 1.25^3 = 1.953
+    assert (m["a1"], m["a2"], m["a3"]) == pytest.approx((0.25, 0.5, 0.5))
+
+
+def test_scaled_depth_errors_exclude_out_of_range_ground_truth_and_clamp():
+    gt = torch.tensor([[0.05, 2.0], [12.0, 2.0]]).view(1, 1, 2, 2)  # 0.05 and 12 m are invalid
+    pred = torch.tensor([[9.0, 1.0], [9.0, 1.0]]).view(1, 1, 2, 2)
+    m, n = scaled_depth_errors(pred, gt, crop=None)
+    assert n == 1 and m["abs_rel"] == 0.0 and m["a1"] == 1.0  # scale 2 makes both pixels exact
+    # A scaled prediction beyond max_depth is clamped to it.
+    m, _ = scaled_depth_errors(
+        torch.tensor([1.0, 100.0]).view(1, 1, 1, 2),
+        torch.tensor([1.0, 2.0]).view(1, 1, 1, 2),
+        crop=None,
+    )
+    assert m["abs_diff"] == pytest.approx((0.0 + 8.0) / 2)  # lower median 1 -> x1, 100 -> 10
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+
+def test_encoder_init_loads_the_file_exactly_at_another_geometry(tiny_world, tmp_path):
+    enc = build_encoder("tiny-cpu", img_size=64, layer_norm_eps=1e-5)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # not the initialisation a fresh build would give
+    path = save_encoder(enc, tmp_path / "masked.safetensors")
+    saved = load_file(path)
+    for size in ("[64,64]", "[64,96]"):
+        recipe = _recipe(
+            tiny_world / "video",
+            tmp_path / "run",
+            "v2",
+            f"init={path}",
+            "encoder.preset=null",
+            f"data.size={size}",
+        )
+        module = VideoPretraining(recipe)
+        state = module.depth_net.encoder.state_dict()
+        keys = {k[len("encoder.") :] for k in saved}
+        assert keys == set(state)
+        for k in keys:
+            assert torch.equal(state[k], saved["encoder." + k]), k
+        cfg = module.depth_net.encoder.config
+        assert cfg["img_size"] == json.loads(size) and cfg["layer_norm_eps"] == 1e-5
+        # The 64-px file's windows (4, 4, 4, 2 after clipping to its 2x2 last map) become the
+        # pretrained windows of the new geometry.
+        assert cfg["pretrained_window_sizes"] == [4, 4, 4, 2]
+        assert module.init_info["kind"] == "encoder"
+        assert not module.depth_net.encoder.mask_token.requires_grad
+
+
+def test_a_geometric_model_file_continues_decoder_and_pose_into_the_supervised_stage(
+    tiny_world, tmp_path
+):
+    L.seed_everything(1, verbose=False)
+    gp = VideoPretraining(_recipe(tiny_world / "video", tmp_path / "gp"))
+    path = export_model(gp, tmp_path / "gp.safetensors")
+    saved = load_file(path)
+    assert {k.split(".")[0] for k in saved} == {
+        "encoder",
+        "depth_decoder",
+        "pose_net",
+        "rectify_net",
+    }
+    L.seed_everything(2, verbose=False)  # a different random start, overwritten by the file
+    sp = VideoPretraining(
+        _recipe(tiny_world / "video", tmp_path / "sp", "v3", f"init={path}", "encoder.preset=null")
+    )
+    assert sp.rectify_net is None
+    assert sp.init_info["loaded"] == ["encoder", "depth_decoder", "pose_net"]
+    assert sp.init_info["ignored"] == ["rectify_net"]
+    for net, ref in ((sp.depth_net, gp.depth_net), (sp.pose_net, gp.pose_net)):
+        a, b = net.state_dict(), ref.state_dict()
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_one_step_trains_every_network_parameter(tiny_world, tmp_path, version):
+    """Every trainable parameter gets a finite gradient (so plain DDP works) and every named
+    term of spec 4.10 is there."""
+    root = _with_pseudo_depth(tiny_world, tmp_path) if version == "v3" else tiny_world / "video"
+    recipe = _recipe(root, tmp_path / "run", version)
+    module = VideoPretraining(recipe)
+    batch = next(iter(torch.utils.data.DataLoader(VideoDataModule(recipe).train_set, batch_size=2)))
+    terms = module.step_terms(batch)
+    expected = (
+        {"photo", "geometry", "smooth", "rot_c", "rot_t", "rot_before", "rot_after", "total"}
+        if version == "v2"
+        else {"photo", "geometry", "normal_matching", "mask_rank", "normal_rank", "total"}
+    )
+    assert set(terms) == expected
+    terms["total"].backward()
+    missing = [
+        n
+        for n, p in module.named_parameters()
+        if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())
+    ]
+    assert not missing, missing[:5]
+    assert (module.rectify_net is not None) == (version == "v2")
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def test_supervised_command_without_pseudo_depth_says_what_to_run(tiny_world, tmp_path, capsys):
+    code = main(
+        [
+            "pretrain",
+            "supervised",
+            "--config",
+            str(CONFIGS / "demo" / "supervised.yaml"),
+            f"data.root={tiny_world / 'video'}",
+            f"run_dir={tmp_path / 'run'}",
+            "data.size=[64,64]",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "leres_depth" in err and "mesadepth pseudo-depth --teacher" in err
+    assert str(tiny_world / "video") in err
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_supervised_command_refuses_a_v2_recipe(tiny_world, tmp_path, capsys):
+    code = main(
+        [
+            "pretrain",
+            "supervised",
+            "--config",
+            str(CONFIGS / "demo" / "geometric.yaml"),
+            f"run_dir={tmp_path / 'run'}",
+        ]
+    )
+    assert code == 2 and "pretrain geometric" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- short runs
+
+
+@pytest.mark.slow
+def test_geometric_run_lowers_the_photometric_loss_and_writes_the_run(tiny_world, tmp_path):
+    run = tmp_path / "gp"
+    recipe = _recipe(
+        tiny_world / "video",
+        run,
+        "v2",
+        "optim.lr=1e-3",
+        "optim.epochs=2",
+        "optim.epoch_size=16",
+        "validation.before_training=false",
+    )
+    metrics = run_video(recipe)
+    start, end = metrics["loss_start"], metrics["loss_end"]
+    assert metrics["steps"] == 32 and metrics["validation_mode"] == "depth"
+    assert end["photo"] < 0.85 * start["photo"], (start, end)
+    assert set(start) >= {"photo", "geometry", "smooth", "rot_c", "rot_t", "total"}
+    keys = load_file(run / "model.safetensors").keys()
+    assert {k.split(".")[0] for k in keys} == {
+        "encoder",
+        "depth_decoder",
+        "pose_net",
+        "rectify_net",
+    }
+    assert (run / "figures" / "depth_preview.png").stat().st_size > 1000
+    assert set(metrics["validation"]) >= {"abs_rel", "rmse", "a1", "val_loss"}
+    assert json.loads((run / "metrics.json").read_text())["loss_end"] == end
+    assert load_config(VideoRecipe, run / "config.yaml") == recipe
+
+
+@pytest.mark.slow
+def test_supervised_run_with_pseudo_depth_beats_the_untrained_model(tiny_world, tmp_path):
+    """A learning check: validated on its own two training scenes (val.txt of the copy lists
+    them), 72 steps of SP with ground-truth-shaped pseudo-depth fit their depth better than the
+    untrained model does; the run measures both (validation_start, validation)."""
+    root = _with_pseudo_depth(tiny_world, tmp_path)
+    shutil.copy(root / "training" / "train.txt", root / "training" / "val.txt")
+    recipe = _recipe(
+        root,
+        tmp_path / "sp",
+        "v3",
+        "optim.lr=1e-3",
+        "optim.epochs=3",
+        "optim.epoch_size=24",
+    )
+    metrics = run_video(recipe)
+    before, after = metrics["validation_start"], metrics["validation"]
+    assert metrics["validation_mode"] == "depth" and metrics["steps"] == 72
+    assert after["abs_rel"] < 0.9 * before["abs_rel"], (before, after)
+    start, end = metrics["loss_start"], metrics["loss_end"]
+    assert end["normal_matching"] < 0.8 * start["normal_matching"], (start, end)
+    assert "rectify_net" not in {
+        k.split(".")[0] for k in load_file(tmp_path / "sp" / "model.safetensors")
+    }
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights(tiny_world, tmp_path):
+    """Deterministic mode: 2 epochs of 4 steps in one go == killed after step 7 (checkpoint at
+    step 6, mid-epoch) and resumed; v3, so the ranking samplers' generator is covered too."""
+    root = _with_pseudo_depth(tiny_world, tmp_path)
+
+    def recipe(run: Path) -> VideoRecipe:
+        return _recipe(
+            root,
+            run,
+            "v3",
+            "optim.epochs=2",
+            "optim.epoch_size=4",
+            "trainer.deterministic=true",
+            "trainer.checkpoint_every_n_steps=2",
+            "validation.before_training=false",
+        )
+
+    class Kill(Exception):
+        pass
+
+    class KillAtStep7(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 7:
+                raise Kill  # before this step's checkpoint: last.ckpt holds step 6
+
+    run_video(recipe(tmp_path / "a"))
+    with pytest.raises(Kill):
+        run_video(recipe(tmp_path / "b"), callbacks=(KillAtStep7(),))
+    assert not (tmp_path / "b" / "model.safetensors").exists()
+    metrics = run_video(recipe(tmp_path / "b"))  # resumes from b/checkpoints/last.ckpt
+    assert metrics["steps"] == 8
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
