@@ -108,6 +108,14 @@ class EvaluateStep:
     flip: bool = field(default=True, metadata={"help": "flip averaging (spec 2.8)"})
     shift_window: bool = field(default=True, metadata={"help": "the two sliding windows (2.8)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
+    ibims_scaled_planes: bool = field(
+        default=False,
+        metadata={
+            "help": "IBims-1 planes: the official minimum size is a share of 640 x 480 pixels; "
+            "true measures it against the image's own size (needed below 640 x 480, e.g. the "
+            "demo's 128 x 96, where no plane would qualify)"
+        },
+    )
 
 
 @dataclass
@@ -372,6 +380,7 @@ class _Chain:
                     ev.flip,
                     ev.shift_window,
                     ev.device,
+                    ev.ibims_scaled_planes,
                 )
         return {k: v["mean"] for k, v in results.items()}
 
@@ -470,6 +479,7 @@ def evaluate_model(
     flip: bool = True,
     shift_window: bool = True,
     device: str = "auto",
+    ibims_scaled_planes: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a fine-tuned ``model.safetensors`` under the ``dataset`` protocol into ``out``."""
     from mesadepth.evaluation.evaluate import (
@@ -489,7 +499,12 @@ def evaluate_model(
         samples = nyu_samples(root / "nyu_depth_v2_labeled.mat", root / "splits.mat")
     else:
         samples = ibims_samples(root)
-    results = evaluate(dataset, samples, lambda s, i: predict(s.image))
+    results = evaluate(
+        dataset,
+        samples,
+        lambda s, i: predict(s.image),
+        ibims_scaled_planes=ibims_scaled_planes,
+    )
     write_results(results, out)
     return results
 

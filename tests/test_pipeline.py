@@ -75,7 +75,12 @@ def _pipeline_yaml(tmp: Path, world: Path, run: Path, finetune_recipe: str) -> P
                 *DEPTH,
             ],
         },
-        "evaluate": {"nyu": "{world}/nyu", "ibims": "{world}/ibims", "device": "cpu"},
+        "evaluate": {
+            "nyu": "{world}/nyu",
+            "ibims": "{world}/ibims",
+            "device": "cpu",
+            "ibims_scaled_planes": True,
+        },
         "cka": {"data": "{world}/nyu", "batch_size": 4, "device": "cpu"},
         "report": {"previews": 2, "notes": ["Test run."]},
     }
