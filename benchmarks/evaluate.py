@@ -119,6 +119,39 @@ def large_row(protocol: bool) -> dict:
     return row
 
 
+def dataset_row(nyu_root: str) -> dict:
+    """The whole ``evaluate`` loop on a real-format NYUv2 folder (the synthetic world's by
+    default): images/s end to end, and the share of wall time spent outside the model's forward
+    passes (reading the .mat, cropping/resizing, flip/window averaging, metrics)."""
+    from pathlib import Path
+
+    from mesadepth.evaluation.evaluate import evaluate, model_predictor, nyu_samples
+
+    root = Path(nyu_root)
+    model = _model("tiny-cpu")
+    spent = [0.0]
+    starts: list[float] = []
+    model.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
+    model.register_forward_hook(
+        lambda *_: spent.__setitem__(0, spent[0] + time.perf_counter() - starts.pop())
+    )
+    predict = model_predictor(model)
+    # One untimed pass warms the file cache, as a second evaluation of the same set would be.
+    list(nyu_samples(root / "nyu_depth_v2_labeled.mat", root / "splits.mat"))
+    t0 = time.perf_counter()
+    samples = nyu_samples(root / "nyu_depth_v2_labeled.mat", root / "splits.mat")
+    res = evaluate("nyu", samples, lambda s, i: predict(s.image), progress=False)
+    wall = time.perf_counter() - t0
+    n = int(res.get("count") or len(res.get("per_image", [])) or 0)
+    return {
+        "config": f"tiny-cpu on {root}",
+        "images": n,
+        "images_per_s": round(n / wall, 2) if wall > 0 else None,
+        "wall_s": round(wall, 3),
+        "share_outside_model": round(1.0 - spent[0] / wall, 3) if wall > 0 else None,
+    }
+
+
 def _table(rows: list[dict]) -> str:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     width = {k: max(len(k), *(len(str(r.get(k, ""))) for r in rows)) for k in keys}
@@ -136,6 +169,11 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=8, help="tiny rows: images per pass")
     ap.add_argument("--json", help="also write the rows as JSON here")
     ap.add_argument(
+        "--nyu",
+        default="runs/world/nyu",
+        help="NYUv2-format folder for the end-to-end row (skipped if absent)",
+    )
+    ap.add_argument(
         "--threads",
         type=int,
         help="torch CPU threads (default: torch's; 1 is steadier on a busy box)",
@@ -146,6 +184,13 @@ def main() -> None:
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}")
     rows = tiny_rows(args.images)
     print(_table(rows))
+    from pathlib import Path
+
+    if (Path(args.nyu) / "nyu_depth_v2_labeled.mat").is_file():
+        full = dataset_row(args.nyu)
+        print()
+        print(_table([full]))
+        rows.append(full)
     if not args.no_large:
         large = large_row(args.large_protocol)
         print()
