@@ -183,7 +183,10 @@ def main() -> None:
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             tail = (out.stderr or out.stdout).strip().splitlines()[-1:]
-            rows.append({"config": name, "error": tail[0] if tail else f"exit {out.returncode}"})
+            why = tail[0] if tail else f"exit {out.returncode}"
+            if out.returncode == -9:
+                why = "killed by SIGKILL (out of memory: the kernel's OOM killer)"
+            rows.append({"config": name, "error": why})
             continue
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     cols = list(dict.fromkeys(k for r in rows for k in r))

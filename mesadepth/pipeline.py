@@ -298,13 +298,7 @@ class _Chain:
                 Step(
                     "supervised",
                     root / "supervised",
-                    lambda: self._stage(
-                        "supervised",
-                        cfg.supervised,
-                        root / "geometric" / "model.safetensors"
-                        if not cfg.geometric.checkpoint
-                        else Path(cfg.geometric.checkpoint),
-                    ),
+                    lambda: self._stage("supervised", cfg.supervised, self.encoder_of("MP+GP")),
                     3,
                 )
             )
@@ -335,8 +329,7 @@ class _Chain:
 
     def _finetune(self, variant: str) -> dict[str, Any]:
         init = self.encoder_of(variant)
-        if not init.is_file() and not self.cfg.masked.checkpoint:
-            _need(init, f"the {variant} encoder", variant)
+        _need(init, f"the {variant} pre-trained encoder", variant)
         folder = self.root / "finetune" / _variant_dir(variant)
         overrides = [*self.cfg.finetune.overrides, f"run_dir={folder}", f"init={init}"]
         recipe = self.recipe(self.cfg.finetune.recipe, "finetune")
