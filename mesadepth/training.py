@@ -938,3 +938,11 @@ __all__ = [
     "seed_run",
     "write_metrics",
 ]
+
+
+def read_metrics(run_dir: PathLike) -> dict[str, Any]:
+    """``RUN/metrics.json`` as written by :func:`write_metrics` (empty dict when absent)."""
+    import json
+
+    path = Path(run_dir) / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -72,6 +72,7 @@ from mesadepth.training import (
     ResumableRandomSampler,
     TrainerConfig,
     fit,
+    read_metrics,
     resolve_resume,
     write_metrics,
 )
@@ -788,11 +789,6 @@ def depth_preview_figure(
     plt.close(fig)
 
 
-def _read_metrics(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def run_finetune(
     recipe: FinetuneRecipe,
     command: list[str] | None = None,
@@ -819,7 +815,7 @@ def run_finetune(
     samples = _test_samples(recipe, v.max_images) if v.enabled else []
     module = Finetuning(recipe)
     resumed = resolve_resume(run_dir, resume) is not None
-    previous = _read_metrics(run_dir) if resumed else {}
+    previous = read_metrics(run_dir) if resumed else {}
     if not resumed:
         # A fresh start must not inherit a previous run's numbers (write_metrics merges).
         (run_dir / "metrics.json").unlink(missing_ok=True)

@@ -44,6 +44,7 @@ from mesadepth.training import (
     ResumableRandomSampler,
     TrainerConfig,
     fit,
+    read_metrics,
     resolve_resume,
     write_metrics,
 )
@@ -408,13 +409,6 @@ def reconstruction_figure(
     plt.close(fig)
 
 
-def _read_metrics(run_dir: Path) -> dict[str, Any]:
-    import json
-
-    path = run_dir / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def run_masked(
     recipe: MaskedRecipe,
     command: list[str] | None = None,
@@ -433,7 +427,7 @@ def run_masked(
     loader = train_loader(recipe, base)
     module = MaskedPretraining(recipe)
     resumed = resolve_resume(run_dir, resume) is not None
-    previous = _read_metrics(run_dir) if resumed else {}
+    previous = read_metrics(run_dir) if resumed else {}
     t0 = time.perf_counter()
     trainer = fit(module, loader, recipe.trainer, run_dir, resume=resume, callbacks=callbacks)
     seconds = time.perf_counter() - t0

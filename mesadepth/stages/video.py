@@ -103,6 +103,7 @@ from mesadepth.training import (
     ResumableRandomSampler,
     TrainerConfig,
     fit,
+    read_metrics,
     resolve_resume,
     write_metrics,
 )
@@ -1302,11 +1303,6 @@ def export_model(module: VideoPretraining, path: Path) -> Path:
     return save_encoder(module.depth_net.encoder, path, extra=extra, metadata=meta)  # type: ignore[arg-type]
 
 
-def _read_metrics(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def run_video(
     recipe: VideoRecipe,
     command: list[str] | None = None,
@@ -1348,7 +1344,7 @@ def run_video(
             depth_preview_figure(
                 module, preview, run_dir / "figures" / "depth_preview.png", recipe.figures
             )
-        previous = _read_metrics(run_dir)
+        previous = read_metrics(run_dir)
         first, last_rows = module.first_losses, module.last_losses
         metrics = {
             "stage": STAGE_NAMES[recipe.version],
@@ -1370,5 +1366,5 @@ def run_video(
             metrics["validation"] = val
             metrics["val_loss"] = val.get("val_loss")
         write_metrics(run_dir, metrics)
-        metrics = _read_metrics(run_dir)
+        metrics = read_metrics(run_dir)
     return metrics
