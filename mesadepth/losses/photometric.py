@@ -84,14 +84,16 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     pad = SSIM_WINDOW // 2
     x = F.pad(x, (pad,) * 4, mode="reflect")
     y = F.pad(y, (pad,) * 4, mode="reflect")
-
-    def pool(t: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(t, SSIM_WINDOW, stride=1)
-
-    mu_x, mu_y = pool(x), pool(y)
-    sigma_x = pool(x * x) - mu_x**2
-    sigma_y = pool(y * y) - mu_y**2
-    sigma_xy = pool(x * y) - mu_x * mu_y
+    # The five window means in one depthwise convolution with a constant 1/49 kernel: the same
+    # means as the reference's 7x7 average pooling (to float rounding), about 3x faster forward
+    # and backward on CPU, where pooling dominated the loss (benchmarks/losses.py).
+    c = x.shape[1]
+    stacked = torch.cat([x, y, x * x, y * y, x * y], 1)
+    kernel = stacked.new_full((5 * c, 1, SSIM_WINDOW, SSIM_WINDOW), 1.0 / SSIM_WINDOW**2)
+    mu_x, mu_y, m_xx, m_yy, m_xy = F.conv2d(stacked, kernel, groups=5 * c).split(c, 1)
+    sigma_x = m_xx - mu_x**2
+    sigma_y = m_yy - mu_y**2
+    sigma_xy = m_xy - mu_x * mu_y
     num = (2 * mu_x * mu_y + SSIM_C1) * (2 * sigma_xy + SSIM_C2)
     den = (mu_x**2 + mu_y**2 + SSIM_C1) * (sigma_x + sigma_y + SSIM_C2)
     return num / den

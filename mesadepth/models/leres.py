@@ -412,7 +412,8 @@ def resize_uint8(image: np.ndarray, size: int, backend: str = "auto") -> tuple[n
         raise ConfigError(f"resize backend must be auto, opencv or torch, got {backend!r}")
     if cv2 is not None:
         return cv2.resize(image, (size, size)), "opencv"
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    # A writable copy: frames read from files are read-only, which torch.from_numpy warns about.
+    x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None]
     y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
     y = y.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0)
     return y.numpy(), "torch"

@@ -298,6 +298,13 @@ class VideoLossConfig:
             "the released NYU v2 model, pitfall 5)"
         },
     )
+    term_weights: dict[str, float] = field(
+        default_factory=dict,
+        metadata={
+            "help": "replace single weights of the preset, e.g. {normal_matching: 0, "
+            "mask_rank: 0, normal_rank: 0}: v3 without its pseudo-depth terms (an ablation)"
+        },
+    )
     no_ssim: bool = field(default=False, metadata={"help": "photometric error without SSIM"})
     no_auto_mask: bool = field(default=False, metadata={"help": "disable the auto-mask"})
     no_dynamic_mask: bool = field(default=False, metadata={"help": "no 1 - E_d weight"})
@@ -403,6 +410,12 @@ def check_recipe(recipe: VideoRecipe) -> None:
         raise ConfigError(
             f"loss.weights={recipe.loss.weights!r} is not a {recipe.version} preset; choose one "
             f"of {sorted(presets)}"
+        )
+    unknown = set(recipe.loss.term_weights) - set(presets[recipe.loss.weights])
+    if unknown:
+        raise ConfigError(
+            f"loss.term_weights: no {recipe.version} term {sorted(unknown)}; the terms are "
+            f"{sorted(presets[recipe.loss.weights])}"
         )
     if recipe.trainer.max_epochs is not None:
         raise ConfigError(
@@ -994,6 +1007,12 @@ class VideoPretraining(L.LightningModule):
             "padding_mode": lo.padding_mode,
         }
 
+    def loss_weights(self) -> dict[str, float]:
+        """The preset ``loss.weights`` of this version with ``loss.term_weights`` applied."""
+        lo = self.recipe.loss
+        presets = LOSS_WEIGHTS if self.version == "v2" else V3_LOSS_WEIGHTS
+        return {**presets[lo.weights], **{k: float(v) for k, v in lo.term_weights.items()}}
+
     def v2_terms(self, tgt: Tensor, refs: Sequence[Tensor], K: Tensor) -> dict[str, Tensor]:
         """Spec 0 v2 / 4.5: rectify each reference with the ARN, then the SC-DepthV2 losses."""
         assert self.rectify_net is not None
@@ -1027,7 +1046,7 @@ class VideoPretraining(L.LightningModule):
             rot2=r2s,
             rot3=r3s,
             rot_target=gs,
-            weights=self.recipe.loss.weights,
+            weights=self.loss_weights(),
             **self._loss_options(),
         )
 
@@ -1051,7 +1070,7 @@ class VideoPretraining(L.LightningModule):
             poses_inv,
             pseudo_depth,
             generator=gen,
-            weights=lo.weights,
+            weights=self.loss_weights(),
             ranking_numerics=lo.ranking_numerics,
             stable_sort=lo.stable_sort,
             **self._loss_options(),
