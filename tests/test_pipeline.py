@@ -123,7 +123,13 @@ def test_pipeline_runs_reports_skips_and_resumes(tmp_path: Path, capsys):
     assert "finetune/MP: running" in out and "report: running" in out
     assert mp.stat().st_mtime_ns == stamp
     report = (run / "report.md").read_text()
-    for section in ("## Table 1", "## Table 2", "## Layer-wise CKA", "## Depth previews"):
+    for section in (
+        "## What each pre-training stage learned",
+        "## Table 1",
+        "## Table 2",
+        "## Layer-wise CKA",
+        "## Depth previews",
+    ):
         assert section in report
     for variant in ("MP", "MP+GP", "MP+GP+SP"):
         assert f"| {variant} | " in report

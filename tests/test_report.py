@@ -9,6 +9,7 @@ from mesadepth.report import (
     IBIMS_COLUMNS,
     NYU_COLUMNS,
     ordering_statement,
+    pretraining_table,
     relative_improvement,
     table_markdown,
     write_report,
@@ -68,3 +69,39 @@ def test_write_report_reads_the_run_files(tmp_path):
     assert "| MP+GP+SP vs MP | +33.3 % | +25.0 % | +25.0 % | +25.0 % | +50.0 % |" in text
     assert "| masked | 12.5 |" in text
     assert [c[0] for c in IBIMS_COLUMNS] == ["dbe_acc", "dbe_com", "pe_fla", "pe_ori", "rel"]
+
+
+def test_pretraining_table_gives_each_stage_its_losses_and_a_depth_verdict(tmp_path):
+    def metrics(step: str, **m) -> None:
+        (tmp_path / step).mkdir()
+        (tmp_path / step / "metrics.json").write_text(json.dumps(m))
+
+    metrics("masked", steps=120, loss_start=0.8, loss_end=0.6)
+    depth = {"validation_mode": "depth", "baseline_constant_depth": {"abs_rel": 0.2}}
+    # GP: 0.2 -> 0.15, below 95 % of the constant map's 0.2; SP: 0.15 -> 0.195, above 0.19.
+    metrics(
+        "geometric",
+        steps=90,
+        loss_start={"photo": 0.3},
+        loss_end={"photo": 0.25},
+        validation_start={"abs_rel": 0.2},
+        validation={"abs_rel": 0.15},
+        **depth,
+    )
+    metrics(
+        "supervised",
+        steps=90,
+        loss_start={"photo": 0.25},
+        loss_end={"photo": 0.24},
+        validation_start={"abs_rel": 0.15},
+        validation={"abs_rel": 0.195},
+        **depth,
+    )
+    rows = [line for line in pretraining_table(tmp_path) if line.startswith("| ")][1:]
+    assert rows == [
+        "| MP | 120 | masked L1 0.800 → 0.600 | – | – | (no depth validation) |",
+        "| GP | 90 | photometric 0.300 → 0.250 | 0.2000 → 0.1500 | 0.2000 | yes |",
+        "| SP | 90 | photometric 0.250 → 0.240 | 0.1500 → 0.1950 | 0.2000 | no: no better than "
+        "a constant map |",
+    ]
+    assert pretraining_table(tmp_path / "nothing") == []
