@@ -175,6 +175,31 @@ def test_skip_norm_makes_the_decoder_blind_to_skip_scale_and_offset(skip_norm):
         assert (a - b).abs().max().item() > 1e-3
 
 
+def test_reflect_padding_hides_the_border_and_zero_padding_shows_it():
+    """Uniform features give a uniform map through the reference's reflection padding (the
+    decoder cannot tell where it is in the image); zero padding makes the border visible. Both
+    have the same parameters: a state dict moves between them unchanged."""
+    torch.manual_seed(0)
+    ref = DispNetDecoder((8, 8, 16, 16), TINY_DEC, stem_channels=4).eval()
+    zeros = DispNetDecoder((8, 8, 16, 16), TINY_DEC, stem_channels=4, padding="zeros").eval()
+    zeros.load_state_dict(ref.state_dict())
+    assert zeros.config == {**ref.config, "padding": "zeros"}
+    assert DispNetDecoder(**zeros.config).padding == "zeros"
+    feats = [
+        torch.full((1, c, 64 // s, 64 // s), 0.7)
+        for c, s in zip((8, 8, 16, 16), (4, 8, 16, 32), strict=True)
+    ]
+    image = torch.full((1, 3, 64, 64), 0.3)
+    with torch.no_grad():
+        a, b = ref(feats, image), zeros(feats, image)
+    assert (a.max() - a.min()).item() < 1e-5
+    assert (b.max() - b.min()).item() > 1e-3
+    with pytest.raises(ConfigError, match="padding"):
+        DispNetDecoder((8, 8, 16, 16), TINY_DEC, padding="replicate")
+    net = build_depthnet("tiny-cpu", padding="zeros")
+    assert net.config["decoder"]["padding"] == "zeros"
+
+
 @pytest.mark.parametrize(
     ("mode", "scale", "shift"),
     [

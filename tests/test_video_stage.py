@@ -185,6 +185,24 @@ def test_a_geometric_model_file_continues_decoder_and_pose_into_the_supervised_s
             assert torch.equal(a[k], b[k]), k
 
 
+def test_padding_and_pose_scale_must_match_the_run_continued(tiny_world, tmp_path):
+    """Neither has weights, so a mismatch would load silently; both are refused by name."""
+    video = tiny_world / "video"
+    opts = ("decoder.padding=zeros", "pose.scale=0.1")
+    gp = VideoPretraining(_recipe(video, tmp_path / "gp", "v2", *opts))
+    assert gp.depth_net.decoder.padding == "zeros" and gp.pose_net.decoder.scale == 0.1
+    assert gp.rectify_net.decoder.scale == 1.0  # the ARN keeps its own (spec 2.4)
+    path = export_model(gp, tmp_path / "gp.safetensors")
+    sp = ("v3", f"init={path}", "encoder.preset=null")
+    with pytest.raises(ConfigError, match=r"gp.safetensors.*decoder.padding=zeros"):
+        VideoPretraining(_recipe(video, tmp_path / "a", *sp, opts[1]))
+    with pytest.raises(ConfigError, match=r"gp.safetensors.*pose.scale=0.1"):
+        VideoPretraining(_recipe(video, tmp_path / "b", *sp, opts[0]))
+    same = VideoPretraining(_recipe(video, tmp_path / "c", *sp, *opts))
+    assert same.init_info["loaded"] == ["encoder", "depth_decoder", "pose_net"]
+    assert same.pose_net.decoder.scale == 0.1
+
+
 @pytest.mark.parametrize("version", ["v2", "v3"])
 def test_one_step_trains_every_network_parameter(tiny_world, tmp_path, version):
     """Every trainable parameter gets a finite gradient (so plain DDP works) and every named

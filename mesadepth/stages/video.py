@@ -94,10 +94,18 @@ from mesadepth.models.backbone import (
     load_encoder,
     load_official_checkpoint,
     load_tensors,
+    read_metadata,
     save_encoder,
 )
 from mesadepth.models.dispnet import NUM_CH_DEC, RESNET_ENCODERS, DepthNet, build_resnet_encoder
-from mesadepth.models.posenet import PairRegressor, PoseDecoder, PoseNet, load_strict, resnet_name
+from mesadepth.models.posenet import (
+    POSE_SCALE,
+    PairRegressor,
+    PoseDecoder,
+    PoseNet,
+    load_strict,
+    resnet_name,
+)
 from mesadepth.models.rectify import RectifyNet
 from mesadepth.training import (
     ResumableRandomSampler,
@@ -220,6 +228,13 @@ class DecoderConfig:
     stem_channels: int = field(
         default=0, metadata={"help": "Swin only: stride-2 conv stem feeding level 1 (0 = none)"}
     )
+    padding: Literal["reflect", "zeros"] = field(
+        default="reflect",
+        metadata={
+            "help": "3x3 conv padding: reflect = the reference; zeros lets a Swin DepthNet (no "
+            "absolute position embedding) learn where things are in the image"
+        },
+    )
     coarse_heads: bool = field(
         default=False,
         metadata={
@@ -237,6 +252,14 @@ class PoseConfig:
     width: int = field(
         default=64,
         metadata={"help": "ResNet stem/stage-1 width; 64 = the reference, less for CPU demos"},
+    )
+    scale: float = field(
+        default=POSE_SCALE,
+        metadata={
+            "help": "PoseNet output scale (spec 2.3: 0.01); a randomly initialised PoseNet then "
+            "starts with ~3e-4 translations, which can drive the depth into its 0.1 floor "
+            "before the pose learns (the ARN is not affected)"
+        },
     )
     pretrained: str | None = field(
         default=None,
@@ -411,6 +434,8 @@ def check_recipe(recipe: VideoRecipe) -> None:
             f"loss.weights={recipe.loss.weights!r} is not a {recipe.version} preset; choose one "
             f"of {sorted(presets)}"
         )
+    if not recipe.pose.scale > 0:
+        raise ConfigError(f"pose.scale must be > 0 (spec 2.3: 0.01), got {recipe.pose.scale}")
     unknown = set(recipe.loss.term_weights) - set(presets[recipe.loss.weights])
     if unknown:
         raise ConfigError(
@@ -545,6 +570,7 @@ def build_depth_net(recipe: VideoRecipe) -> tuple[DepthNet, dict[str, Any]]:
         "stem_channels": dec.stem_channels,
         "coarse_heads": dec.coarse_heads,
         "num_ch_dec": tuple(dec.num_ch_dec),
+        "padding": dec.padding,
     }
     info: dict[str, Any] = {"kind": kind, "path": str(path) if path else None}
     if enc.preset in RESNET_ENCODERS:
@@ -610,8 +636,16 @@ def build_pair_net(kind: Literal["pose", "rectify"], cfg: PoseConfig) -> PairReg
 
     ``cfg.width`` 64 is the reference network (ImageNet weights from ``cfg.pretrained``); a
     smaller width builds the same ResNet with stage widths (w, 2w, 4w, 8w) and a matching
-    pose decoder, randomly initialised (a CPU-demo option, not in the reference).
+    pose decoder, randomly initialised (a CPU-demo option, not in the reference). The PoseNet's
+    output is scaled by ``cfg.scale`` (spec 2.3: 0.01); the ARN keeps its own (spec 2.4).
     """
+    net = _pair_net(kind, cfg)
+    if kind == "pose":
+        net.decoder.scale = float(cfg.scale)
+    return net
+
+
+def _pair_net(kind: Literal["pose", "rectify"], cfg: PoseConfig) -> PairRegressor:
     cls = PoseNet if kind == "pose" else RectifyNet
     if cfg.width == 64:
         return cls(cfg.num_layers, pretrained=cfg.pretrained)
@@ -933,6 +967,21 @@ class VideoPretraining(L.LightningModule):
     def _continue_stage(self, path: Path) -> None:
         """A geometric/supervised run's model.safetensors: decoder, PoseNet, ARN continue."""
         loaded, ignored = ["encoder"], []
+        # Padding has no weights, so a mismatch would load silently and change every output.
+        written = (read_metadata(path).get("depth_net") or {}).get("decoder") or {}
+        padding = written.get("padding", "reflect")
+        if padding != self.depth_net.decoder.padding:
+            raise ConfigError(
+                f"{path}: its DispNet decoder was trained with decoder.padding={padding}, this "
+                f"recipe has decoder.padding={self.depth_net.decoder.padding}; set it like "
+                "that run"
+            )
+        pose_scale = (read_metadata(path).get("pose") or {}).get("scale", POSE_SCALE)
+        if not math.isclose(pose_scale, self.recipe.pose.scale):
+            raise ConfigError(
+                f"{path}: its PoseNet was trained with pose.scale={pose_scale}, this recipe has "
+                f"pose.scale={self.recipe.pose.scale}; set it like that run"
+            )
         decoder = load_tensors(path, "depth_decoder.")
         load_strict(
             self.depth_net.decoder,
