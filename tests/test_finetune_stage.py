@@ -15,7 +15,7 @@ from mesadepth.cli import build_parser, main
 from mesadepth.config import load_config
 from mesadepth.errors import ConfigError, MissingFileError
 from mesadepth.evaluation.metrics import METRIC_NAMES
-from mesadepth.models.backbone import build_encoder, save_encoder
+from mesadepth.models.backbone import build_encoder, save_encoder, trained_window_sizes
 from mesadepth.models.depth_head import load_depth_model
 from mesadepth.optim import TriangleSchedule
 from mesadepth.stages.finetune import (
@@ -23,7 +23,6 @@ from mesadepth.stages.finetune import (
     FinetuneRecipe,
     build_finetune_encoder,
     run_finetune,
-    trained_window_sizes,
 )
 
 DEMO = Path(__file__).parents[1] / "configs" / "demo" / "finetune.yaml"

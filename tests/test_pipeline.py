@@ -177,3 +177,16 @@ def test_given_checkpoints_replace_stages_in_the_plan(tmp_path: Path):
     names = [s.name for s in plan(cfg)]
     assert "teacher" not in names and "pseudo_depth" not in names and "supervised" in names
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("recipes", ["demo", "paper"])
+def test_cka_opens_every_encoder_in_the_fine_tuning_geometry(recipes: str):
+    """Pitfall 25 (CKA spec): pre-trained and fine-tuned encoders are compared at the
+    fine-tuning input size and windows, so the pipeline's overrides must follow finetune.yaml."""
+    folder = Path(__file__).parents[1] / "configs" / recipes
+    pipe = yaml.safe_load((folder / "pipeline.yaml").read_text())
+    ft = yaml.safe_load((folder / pipe["finetune"]["recipe"]).read_text())
+    overrides = dict(o.split("=", 1) for o in pipe["cka"]["encoder_overrides"])
+    crop = ft["data"]["crop"]
+    assert crop[0] == crop[1] == yaml.safe_load(overrides["img_size"])
+    assert yaml.safe_load(overrides["window_size"]) == ft["encoder"]["window_size"]

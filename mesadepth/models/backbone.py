@@ -59,6 +59,7 @@ __all__ = [
     "resolve_layers",
     "save_encoder",
     "tap",
+    "trained_window_sizes",
 ]
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,25 @@ def _per_stage(value: Any, num_stages: int, what: str) -> tuple[tuple[int, int],
     if len(value) != num_stages:
         raise ConfigError(f"{what}: expected {num_stages} entries (one per stage), got {value!r}")
     return tuple(_pair(v, f"{what}[{i}]") for i, v in enumerate(value))
+
+
+def trained_window_sizes(cfg: Mapping[str, Any]) -> list[list[int]]:
+    """The per-stage windows an encoder config was trained with, as its position bias saw them.
+
+    Non-zero ``pretrained_window_sizes`` are kept (a file that was itself re-windowed);
+    otherwise each stage's window clipped to its token map (timm's rule), e.g. 192 px, patch 4,
+    window 12 -> (12, 12, 12, 6) (geometric spec 9.4, fine-tuning pitfall 9).
+    """
+    n = len(cfg["depths"])
+    pretrained = _per_stage(cfg.get("pretrained_window_sizes", 0), n, "pretrained_window_sizes")
+    if any(h > 0 for h, _ in pretrained):
+        return [list(p) for p in pretrained]
+    img = _pair(cfg["img_size"], "img_size")
+    patch = int(cfg.get("patch_size", 4))
+    out = []
+    for s, (wh, ww) in enumerate(_per_stage(cfg["window_size"], n, "window_size")):
+        out.append([min(wh, img[0] // patch // 2**s), min(ww, img[1] // patch // 2**s)])
+    return out
 
 
 def _jsonable_stages(stages: tuple[tuple[int, int], ...]) -> list[Any]:

@@ -65,6 +65,7 @@ from mesadepth.models.backbone import (
     build_encoder,
     load_encoder,
     load_official_checkpoint,
+    trained_window_sizes,
 )
 from mesadepth.models.depth_head import DepthModel, save_depth_model
 from mesadepth.optim import TriangleLR, TriangleSchedule, param_groups_layer_decay
@@ -335,37 +336,6 @@ def _file_encoder_config(path: Path) -> dict[str, Any]:
             "no encoder config in the metadata: set encoder.preset so the architecture is known",
         )
     return json.loads(raw)
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def trained_window_sizes(cfg: dict[str, Any]) -> list[list[int]]:
-    """The windows an encoder config was trained with, per stage, as its position bias saw them.
-
-    Non-zero ``pretrained_window_sizes`` are kept; otherwise each stage's window clipped to its
-    token map (timm's rule), e.g. 192 px, patch 4, window 12 -> (12, 12, 12, 6) (pitfall 9).
-    """
-    depths = cfg["depths"]
-    n = len(depths)
-
-    def per_stage(value: Any) -> list[tuple[int, int]]:
-        if isinstance(value, int) or (len(value) == 2 and all(isinstance(v, int) for v in value)):
-            return [_pair(value)] * n
-        return [_pair(v) for v in value]
-
-    pretrained = per_stage(cfg.get("pretrained_window_sizes", 0))
-    if any(p[0] > 0 for p in pretrained):
-        return [list(p) for p in pretrained]
-    img = _pair(cfg["img_size"])
-    patch = int(cfg.get("patch_size", 4))
-    windows = per_stage(cfg["window_size"])
-    out = []
-    for s, w in enumerate(windows):
-        grid = (img[0] // patch // 2**s, img[1] // patch // 2**s)
-        out.append([min(w[0], grid[0]), min(w[1], grid[1])])
-    return out
 
 
 def build_finetune_encoder(recipe: FinetuneRecipe) -> tuple[SwinV2Encoder, dict[str, Any]]:

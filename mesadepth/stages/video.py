@@ -96,6 +96,7 @@ from mesadepth.models.backbone import (
     load_tensors,
     read_metadata,
     save_encoder,
+    trained_window_sizes,
 )
 from mesadepth.models.dispnet import NUM_CH_DEC, RESNET_ENCODERS, DepthNet, build_resnet_encoder
 from mesadepth.models.posenet import (
@@ -140,7 +141,6 @@ __all__ = [
     "run_video",
     "scaled_depth_errors",
     "train_transforms",
-    "trained_windows",
 ]
 
 Version = Literal["v2", "v3"]
@@ -516,35 +516,6 @@ def _file_encoder_config(path: Path) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
-def _per_stage(value: Any, n: int) -> list[tuple[int, int]]:
-    if isinstance(value, int):
-        return [(value, value)] * n
-    if len(value) == 2 and all(isinstance(v, int) for v in value) and n != 2:
-        return [(int(value[0]), int(value[1]))] * n
-    return [(v, v) if isinstance(v, int) else (int(v[0]), int(v[1])) for v in value]
-
-
-def trained_windows(cfg: Mapping[str, Any]) -> list[list[int]]:
-    """The per-stage windows an encoder config was trained with (what its position bias saw).
-
-    Non-zero ``pretrained_window_sizes`` are kept (a file that was itself re-windowed);
-    otherwise each stage's window clipped to its token map, e.g. 192 px, window 12 ->
-    (12, 12, 12, 6) (spec 9.4).
-    """
-    n = len(cfg["depths"])
-    pretrained = _per_stage(cfg.get("pretrained_window_sizes", 0), n)
-    if any(p[0] > 0 for p in pretrained):
-        return [list(p) for p in pretrained]
-    img = cfg["img_size"]
-    img = (img, img) if isinstance(img, int) else tuple(img)
-    patch = int(cfg.get("patch_size", 4))
-    out = []
-    for s, (wh, ww) in enumerate(_per_stage(cfg["window_size"], n)):
-        gh, gw = img[0] // patch // 2**s, img[1] // patch // 2**s
-        out.append([min(wh, gh), min(ww, gw)])
-    return out
-
-
 def _stages(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return tuple(_stages(v) for v in value)
@@ -608,7 +579,7 @@ def build_depth_net(recipe: VideoRecipe) -> tuple[DepthNet, dict[str, Any]]:
     pws: Any = enc.pretrained_window_sizes
     if pws == "auto":
         if file_cfg is not None:
-            pws = trained_windows(file_cfg)
+            pws = trained_window_sizes(file_cfg)
         else:
             pws = SWINV2_PRESETS.get(enc.preset or "", {}).get("pretrained_window_sizes", 0)
     overrides["pretrained_window_sizes"] = _stages(pws)
