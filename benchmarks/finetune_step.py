@@ -20,6 +20,7 @@ import resource
 import time
 
 import torch
+from _common import print_table
 
 from mesadepth.losses.silog import silog_loss
 from mesadepth.models.backbone import build_encoder
@@ -137,11 +138,7 @@ def main() -> None:
         bench(n, args.steps, args.device, precision, args.batch)
         for n in ([args.only] if args.only else CONFIGS)
     ]
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    print(" | ".join(cols))
-    print(" | ".join("---" for _ in cols))
-    for r in rows:
-        print(" | ".join(str(r.get(c, "")) for c in cols))
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import torch
+from _common import print_table
 
 from mesadepth.models.backbone import build_encoder
 from mesadepth.models.simmim import MaskGenerator, SimMIM
@@ -119,11 +120,7 @@ def main() -> None:
         bench(n, args.steps, args.device, precision)
         for n in ([args.only] if args.only else CONFIGS)
     ]
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    print(" | ".join(cols))
-    print(" | ".join("---" for _ in cols))
-    for r in rows:
-        print(" | ".join(str(r.get(c, "")) for c in cols))
+    print_table(rows)
 
 
 if __name__ == "__main__":

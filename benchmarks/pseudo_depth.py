@@ -54,14 +54,13 @@ import json
 import math
 import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _common import print_table, row_in_subprocess
 
 from mesadepth.teachers import Teacher, build_teacher, write_pseudo_depth_tree
 
@@ -310,27 +309,13 @@ def main() -> None:
             video = render_video(Path(tmp) / "video", need, args.size)
         rows = []
         for name in names:
-            # One process per row, so the CPU peak-memory column is that row's alone.
-            cmd = [sys.executable, __file__, "--only", name, "--json", "--device", args.device]
-            cmd += ["--video", str(video)]
+            extra = ["--device", args.device, "--video", str(video)]
             if args.frames:
-                cmd += ["--frames", str(args.frames)]
+                extra += ["--frames", str(args.frames)]
             if args.threads:
-                cmd += ["--threads", str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                tail = (out.stderr or out.stdout).strip().splitlines()[-1:]
-                why = tail[0] if tail else f"exit {out.returncode}"
-                if out.returncode == -9:
-                    why = "killed by SIGKILL (out of memory: the kernel's OOM killer)"
-                rows.append({"config": name, "error": why})
-                continue
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    print(" | ".join(cols))
-    print(" | ".join("---" for _ in cols))
-    for r in rows:
-        print(" | ".join(str(r.get(c, "")) for c in cols))
+                extra += ["--threads", str(args.threads)]
+            rows.append(row_in_subprocess(__file__, name, extra))
+    print_table(rows)
 
 
 if __name__ == "__main__":

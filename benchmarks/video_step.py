@@ -27,12 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from _common import print_table, row_in_subprocess
 
 from mesadepth.config import load_config
 from mesadepth.stages.video import VideoPretraining, VideoRecipe
@@ -174,26 +173,13 @@ def main() -> None:
     for name in CONFIGS:
         if name in args.skip:
             continue
-        # One process per row, so the CPU peak-memory column is that row's alone.
-        cmd = [sys.executable, __file__, "--only", name, "--json", "--device", args.device]
+        extra = ["--device", args.device]
         if args.steps:
-            cmd += ["--steps", str(args.steps)]
+            extra += ["--steps", str(args.steps)]
         if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            tail = (out.stderr or out.stdout).strip().splitlines()[-1:]
-            why = tail[0] if tail else f"exit {out.returncode}"
-            if out.returncode == -9:
-                why = "killed by SIGKILL (out of memory: the kernel's OOM killer)"
-            rows.append({"config": name, "error": why})
-            continue
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    print(" | ".join(cols))
-    print(" | ".join("---" for _ in cols))
-    for r in rows:
-        print(" | ".join(str(r.get(c, "")) for c in cols))
+            extra += ["--threads", str(args.threads)]
+        rows.append(row_in_subprocess(__file__, name, extra))
+    print_table(rows)
 
 
 if __name__ == "__main__":
