@@ -1,4 +1,4 @@
-"""Pieces every benchmark script shares: one process per row, and the printed table.
+"""Pieces every benchmark script shares: peak memory, one process per row, the table.
 
 The scripts are run as ``python benchmarks/<name>.py``, so this module is imported by its bare
 name (the script's folder is first on ``sys.path``).
@@ -7,12 +7,18 @@ name (the script's folder is first on ``sys.path``).
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 OOM = "killed by SIGKILL (out of memory: the kernel's OOM killer)"
+
+
+def maxrss_mb() -> float:
+    """This process's peak resident set so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def row_in_subprocess(script: str, name: str, args: Sequence[str]) -> dict[str, Any]:

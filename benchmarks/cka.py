@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 
 import numpy as np
 import torch
+from _common import maxrss_mb
 
 from mesadepth.analysis.cka import (
     CKAAccumulator,
@@ -49,10 +49,6 @@ NYU_TEST = 654
 TINY = {"img_size": 64, "embed_dim": 8, "depths": (2, 2, 18, 2), "num_heads": (1, 1, 1, 1)}
 # Spec B5.2: the nine taps of Swin-v2-L at 480 x 480 (timm NHWC without the batch axis).
 LARGE_TAPS = [(60, 60, 384)] + [(30, 30, 768)] * 6 + [(15, 15, 1536)] * 2
-
-
-def _maxrss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _tiny_encoder(device: str) -> torch.nn.Module:
@@ -86,7 +82,7 @@ def worker(estimator: str, n: int, batch: int, device: str, repeats: int = 3) ->
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    rss0 = _maxrss_mib()
+    rss0 = maxrss_mb()
     times = []
     for _ in range(repeats):  # best of a few: a shared CPU stalls now and then
         t0 = time.perf_counter()
@@ -102,7 +98,7 @@ def worker(estimator: str, n: int, batch: int, device: str, repeats: int = 3) ->
         "best_of_3_s": round(dt, 3),
         "images_per_s": round(n / dt, 1),
         "state_KiB": round(res.state_bytes / 1024, 1),
-        "rss_growth_MiB": round(_maxrss_mib() - rss0, 1),
+        "rss_growth_MiB": round(maxrss_mb() - rss0, 1),
         "cka_0_8": round(float(res.within["tiny"][0, 8]), 4),
     }
     if device == "cuda":

@@ -16,11 +16,10 @@ drop path 0.5); on CPU it runs at batch 1 (the reference's per-GPU batch is 3).
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 
 import torch
-from _common import print_table
+from _common import maxrss_mb, print_table
 
 from mesadepth.losses.silog import silog_loss
 from mesadepth.models.backbone import build_encoder
@@ -51,15 +50,11 @@ CONFIGS = {
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def bench(name: str, steps: int, device: str, precision: str, batch: int | None) -> dict:
     c = CONFIGS[name]
     batch = batch or c["batch"]["cuda" if device == "cuda" else "cpu"]
     torch.manual_seed(0)
-    rss0 = _maxrss_mb()
+    rss0 = maxrss_mb()
     encoder = build_encoder(c["preset"], layer_norm_eps=1e-6, **c["overrides"])
     encoder.mask_token.requires_grad_(False)
     model = DepthModel.from_encoder(encoder).to(device).train()
@@ -114,7 +109,7 @@ def bench(name: str, steps: int, device: str, precision: str, batch: int | None)
         if peak and precision == "bf16":
             row["MFU"] = f"{flops / dt / peak:.1%}"
     else:
-        row["peak_rss_growth_MiB"] = round(_maxrss_mb() - rss0, 1)
+        row["peak_rss_growth_MiB"] = round(maxrss_mb() - rss0, 1)
     return row
 
 

@@ -13,12 +13,11 @@ the card's dense bf16 peak (H100 SXM 989 TFLOP/s, H200 the same).
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 
 import numpy as np
 import torch
-from _common import print_table
+from _common import maxrss_mb, print_table
 
 from mesadepth.models.backbone import build_encoder
 from mesadepth.models.simmim import MaskGenerator, SimMIM
@@ -34,10 +33,6 @@ CONFIGS = {
     },
 }
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def bench(name: str, steps: int, device: str, precision: str) -> dict:
@@ -63,7 +58,7 @@ def bench(name: str, steps: int, device: str, precision: str) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
 
-    rss0 = _maxrss_mb()
+    rss0 = maxrss_mb()
     step()  # warm-up: allocator, kernels, optimizer state
     if device == "cuda":
         torch.cuda.synchronize()
@@ -97,7 +92,7 @@ def bench(name: str, steps: int, device: str, precision: str) -> dict:
         if peak and precision == "bf16":
             row["MFU"] = f"{flops / dt / peak:.1%}"
     else:
-        row["peak_rss_growth_MiB"] = round(_maxrss_mb() - rss0, 1)
+        row["peak_rss_growth_MiB"] = round(maxrss_mb() - rss0, 1)
     return row
 
 

@@ -60,7 +60,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import print_table, row_in_subprocess
+from _common import maxrss_mb, print_table, row_in_subprocess
 
 from mesadepth.teachers import Teacher, build_teacher, write_pseudo_depth_tree
 
@@ -141,10 +141,6 @@ def copy_video(src: Path, dst: Path, n_frames: int) -> Path:
 # ----------------------------------------------------------------------------- memory
 
 
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def _rss_mb() -> float:
     with open("/proc/self/statm") as fh:
         pages = int(fh.read().split()[1])
@@ -164,7 +160,7 @@ def _reset_peak_rss() -> float:
             fh.write("5")
         return _rss_mb()
     except OSError:
-        return _maxrss_mb()  # as video_step.py: growth of the maximum since here
+        return maxrss_mb()  # as video_step.py: growth of the maximum since here
 
 
 # ----------------------------------------------------------------------------- teachers
@@ -258,7 +254,7 @@ def bench(name: str, frames: int, device: str, size: tuple[int, int], video: Pat
         if device.startswith("cuda"):
             row["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         else:
-            row["peak_rss_growth_MiB"] = round(_maxrss_mb() - rss0, 1)
+            row["peak_rss_growth_MiB"] = round(maxrss_mb() - rss0, 1)
     return row
 
 

@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 
 import torch
 import torch.nn.functional as F
-from _common import print_table, row_in_subprocess
+from _common import maxrss_mb, print_table, row_in_subprocess
 
 from mesadepth.config import load_config
 from mesadepth.stages.video import VideoPretraining, VideoRecipe
@@ -72,10 +71,6 @@ CONFIGS: dict[str, dict] = {
         ],
     },
 }
-
-
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _smooth(b: int, c: int, h: int, w: int, g: torch.Generator) -> torch.Tensor:
@@ -120,7 +115,7 @@ def bench(name: str, steps: int, device: str) -> dict:
         terms["total"].backward()
         opt.step()
 
-    rss0 = _maxrss_mb()
+    rss0 = maxrss_mb()
     step()  # warm-up: allocator, kernels, optimizer state
     if device == "cuda":
         torch.cuda.synchronize()
@@ -147,7 +142,7 @@ def bench(name: str, steps: int, device: str) -> dict:
     if device == "cuda":
         row["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     else:
-        row["peak_rss_growth_MiB"] = round(_maxrss_mb() - rss0, 1)
+        row["peak_rss_growth_MiB"] = round(maxrss_mb() - rss0, 1)
     return row
 
 

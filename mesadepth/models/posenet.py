@@ -258,5 +258,7 @@ class PoseNet(PairRegressor):
     leaves timm's random initialisation (e.g. before loading a checkpoint).
     """
 
-    def __init__(self, num_layers: int = 18, pretrained: PathLike | None = None) -> None:
-        super().__init__(num_layers, pretrained, num_outputs=6, scale=POSE_SCALE)
+    def __init__(
+        self, num_layers: int = 18, pretrained: PathLike | None = None, scale: float = POSE_SCALE
+    ) -> None:
+        super().__init__(num_layers, pretrained, num_outputs=6, scale=scale)

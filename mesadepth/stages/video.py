@@ -610,22 +610,16 @@ def build_pair_net(kind: Literal["pose", "rectify"], cfg: PoseConfig) -> PairReg
     pose decoder, randomly initialised (a CPU-demo option, not in the reference). The PoseNet's
     output is scaled by ``cfg.scale`` (spec 2.3: 0.01); the ARN keeps its own (spec 2.4).
     """
-    net = _pair_net(kind, cfg)
-    if kind == "pose":
-        net.decoder.scale = float(cfg.scale)
-    return net
-
-
-def _pair_net(kind: Literal["pose", "rectify"], cfg: PoseConfig) -> PairRegressor:
     cls = PoseNet if kind == "pose" else RectifyNet
+    kw = {"scale": float(cfg.scale)} if kind == "pose" else {}
     if cfg.width == 64:
-        return cls(cfg.num_layers, pretrained=cfg.pretrained)
+        return cls(cfg.num_layers, pretrained=cfg.pretrained, **kw)
     if cfg.pretrained:
         raise ConfigError(
             f"pose.pretrained: ImageNet ResNet weights fit width 64 only, got pose.width="
             f"{cfg.width}"
         )
-    net = cls(cfg.num_layers)
+    net = cls(cfg.num_layers, **kw)
     w = cfg.width
     net.encoder = timm.create_model(
         resnet_name(cfg.num_layers),
@@ -939,7 +933,8 @@ class VideoPretraining(L.LightningModule):
         """A geometric/supervised run's model.safetensors: decoder, PoseNet, ARN continue."""
         loaded, ignored = ["encoder"], []
         # Padding has no weights, so a mismatch would load silently and change every output.
-        written = (read_metadata(path).get("depth_net") or {}).get("decoder") or {}
+        meta = read_metadata(path)
+        written = (meta.get("depth_net") or {}).get("decoder") or {}
         padding = written.get("padding", "reflect")
         if padding != self.depth_net.decoder.padding:
             raise ConfigError(
@@ -947,7 +942,7 @@ class VideoPretraining(L.LightningModule):
                 f"recipe has decoder.padding={self.depth_net.decoder.padding}; set it like "
                 "that run"
             )
-        pose_scale = (read_metadata(path).get("pose") or {}).get("scale", POSE_SCALE)
+        pose_scale = (meta.get("pose") or {}).get("scale", POSE_SCALE)
         if not math.isclose(pose_scale, self.recipe.pose.scale):
             raise ConfigError(
                 f"{path}: its PoseNet was trained with pose.scale={pose_scale}, this recipe has "
