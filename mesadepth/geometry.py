@@ -47,6 +47,7 @@ __all__ = [
     "inverse_warp",
     "invert_pose",
     "pixel_grid",
+    "pose_errors",
     "pose_mat_to_vec",
     "pose_vec_to_mat",
     "project",
@@ -167,6 +168,39 @@ def relative_pose(
         (..., 4, 4).
     """
     return invert_pose(cam_to_world_source) @ cam_to_world_target
+
+
+def pose_errors(pred: torch.Tensor, gt: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-pair errors of a predicted relative pose against the truth, both (..., 3|4, 4).
+
+    Monocular poses are known up to scale, so translation is compared by direction only.
+
+    Returns (each (...)): ``rot_err_deg`` = geodesic angle of ``R_pred^T R_gt`` in degrees;
+    ``rot_gt_deg`` = the true rotation angle (the error of predicting no rotation);
+    ``t_cos`` = cosine between predicted and true translation (1 = right direction, 0 = no
+    relation, NaN where either translation is zero).
+    """
+    for name, m in (("pred", pred), ("gt", gt)):
+        if m.shape[-1] != 4 or m.shape[-2] not in (3, 4):
+            raise ConfigError(f"pose_errors: {name} must be (..., 3|4, 4), got {tuple(m.shape)}")
+
+    def angle(rot: torch.Tensor) -> torch.Tensor:
+        # atan2(sin, cos) instead of arccos(cos): float32 arccos cannot resolve the
+        # fractions of a degree that frame-to-frame rotations are.
+        cos = (rot.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
+        skew = rot - rot.transpose(-1, -2)
+        sin = torch.stack([skew[..., 2, 1], skew[..., 0, 2], skew[..., 1, 0]], -1).norm(dim=-1) / 2
+        return torch.rad2deg(torch.atan2(sin, cos))
+
+    r_pred, r_gt = pred[..., :3, :3], gt[..., :3, :3]
+    t_pred, t_gt = pred[..., :3, 3], gt[..., :3, 3]
+    norms = t_pred.norm(dim=-1) * t_gt.norm(dim=-1)
+    t_cos = (t_pred * t_gt).sum(-1) / norms
+    return {
+        "rot_err_deg": angle(r_pred.transpose(-1, -2) @ r_gt),
+        "rot_gt_deg": angle(r_gt),
+        "t_cos": torch.where(norms > 0, t_cos, torch.full_like(t_cos, float("nan"))),
+    }
 
 
 def _pose_3x4(pose: torch.Tensor, batch: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ from mesadepth.geometry import (
     inverse_warp,
     invert_pose,
     pixel_grid,
+    pose_errors,
     pose_mat_to_vec,
     pose_vec_to_mat,
     project,
@@ -115,6 +116,35 @@ def test_relative_pose_maps_target_camera_points_to_source_camera():
     torch.testing.assert_close(
         relative_pose(pose_t, pose_s) @ x_t, torch.linalg.solve(pose_s, world)
     )
+
+
+def test_pose_errors_against_hand_built_poses():
+    def pose(axis: int, deg: float, t: tuple[float, float, float]) -> torch.Tensor:
+        angles = torch.zeros(3, dtype=D64)
+        angles[axis] = math.radians(deg)
+        return pose_vec_to_mat(torch.cat([torch.tensor(t, dtype=D64), angles]))
+
+    gt = torch.stack([pose(1, 2.0, (0.05, 0.0, 0.0))] * 4)
+    pred = torch.stack(
+        [
+            pose(1, 2.0, (0.5, 0.0, 0.0)),  # exact up to scale
+            pose(1, 0.0, (-0.05, 0.0, 0.0)),  # no rotation, reversed motion
+            pose(1, 2.5, (0.0, 0.0, 0.05)),  # 0.5 deg short on the same axis, orthogonal t
+            pose(0, 2.0, (0.05, 0.05, 0.0)),  # 2 deg about another axis, 45 deg off in t
+        ]
+    )
+    e = pose_errors(pred, gt)
+    # Two 2-degree rotations about orthogonal axes differ by the angle of R_x(2)^T R_y(2).
+    cross = math.degrees(
+        math.acos((math.cos(math.radians(2)) * 2 + math.cos(math.radians(2)) ** 2 - 1) / 2)
+    )
+    torch.testing.assert_close(e["rot_err_deg"], torch.tensor([0.0, 2.0, 0.5, cross], dtype=D64))
+    torch.testing.assert_close(e["rot_gt_deg"], torch.full((4,), 2.0, dtype=D64))
+    torch.testing.assert_close(e["t_cos"], torch.tensor([1.0, -1.0, 0.0, 0.5**0.5], dtype=D64))
+    # float32 keeps hundredths of a degree (arccos of the trace alone would not).
+    small = pose_errors(pose(2, 0.01, (1, 0, 0)).float(), torch.eye(4))
+    assert abs(float(small["rot_err_deg"]) - 0.01) < 1e-4
+    assert math.isnan(float(pose_errors(torch.eye(4), torch.eye(4))["t_cos"]))
 
 
 # ------------------------------------------------------------------------ projection round trips

@@ -16,12 +16,15 @@ from safetensors.torch import load_file
 
 from mesadepth.cli import main
 from mesadepth.config import load_config
-from mesadepth.data.video import read_scene_list
-from mesadepth.errors import ConfigError
+from mesadepth.data.transforms import sc_depth_eval_transforms
+from mesadepth.data.video import VideoSnippetDataset, read_scene_list
+from mesadepth.errors import ConfigError, MissingFileError
+from mesadepth.geometry import euler_to_rotation, inverse_warp, pose_mat_to_vec, rotation_warp
 from mesadepth.io import read_depth_png, write_png
 from mesadepth.losses.photometric import LOSS_WEIGHTS
 from mesadepth.models.backbone import build_encoder, save_encoder
 from mesadepth.stages.video import (
+    PoseSnippets,
     VideoDataModule,
     VideoPretraining,
     VideoRecipe,
@@ -302,8 +305,103 @@ def test_geometric_run_lowers_the_photometric_loss_and_writes_the_run(tiny_world
     }
     assert (run / "figures" / "depth_preview.png").stat().st_size > 1000
     assert set(metrics["validation"]) >= {"abs_rel", "rmse", "a1", "val_loss"}
+    # The val scenes carry poses.txt, so the PoseNet is scored too; the no-rotation error is the
+    # true rotation, averaged per batch of 4 snippets x 2 references like every val metric.
+    angles = []
+    for scene in read_scene_list(tiny_world / "video" / "training" / "val.txt"):
+        rows = np.loadtxt(tiny_world / "video" / "training" / scene / "poses.txt")
+        cams = np.tile(np.eye(4), (len(rows), 1, 1))
+        cams[:, :3] = rows.reshape(-1, 3, 4)
+        for t in range(1, len(cams) - 1):
+            for r in (t - 1, t + 1):
+                rot = (np.linalg.inv(cams[r]) @ cams[t])[:3, :3]
+                angles.append(np.degrees(np.arccos(np.clip((np.trace(rot) - 1) / 2, -1, 1))))
+    per_snippet = np.reshape(angles, (-1, 2))
+    batches = [per_snippet[i : i + 4].mean() for i in range(0, len(per_snippet), 4)]
+    val = metrics["validation"]
+    assert val["pose_rot_none_deg"] == pytest.approx(np.mean(batches), rel=1e-4)
+    assert 0 <= val["pose_rot_err_deg"] < 180 and -1 <= val["pose_t_cos"] <= 1
     assert json.loads((run / "metrics.json").read_text())["loss_end"] == end
     assert load_config(VideoRecipe, run / "config.yaml") == recipe
+
+
+class _Replay(torch.nn.Module):
+    """Stands in for PoseNet / ARN: returns the given outputs in call order."""
+
+    def __init__(self, outputs: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.outputs = list(outputs)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.outputs.pop(0)
+
+
+def test_pose_scoring_composes_the_arn_turn_with_the_posenet_motion(tiny_world, tmp_path):
+    root = tiny_world / "video"
+    size = (48, 64)  # the tiny world's own frames: no resampling between depth and image
+    snippets = PoseSnippets(
+        VideoSnippetDataset(
+            root, "val", transform=sc_depth_eval_transforms(size, full_resolution=())
+        )
+    )
+    k = 5
+    item = snippets[k]
+    s, target, refs = snippets.base.samples[k]
+    scene = snippets.base.scenes[s]
+    depth = torch.from_numpy(scene.depth(target))[None, None]
+    K = item["K"][None]
+    turn = torch.tensor([[0.02, -0.03, 0.015]])
+    turn_mat = euler_to_rotation(turn)[0]
+    # What PoseNet must predict for the turned reference RotWarp(I_r, r): R(r)^T [R | t].
+    rectified = [torch.cat([turn_mat.T @ g[:3], g[3:]]) for g in item["gt_pose"]]
+
+    # Physical check of that composition: with the true depth, the turned reference warps
+    # onto the target with the composed motion, not with the true motion itself.
+    def error(img: torch.Tensor, ref_depth: torch.Tensor, motion: torch.Tensor) -> float:
+        w = inverse_warp(img, depth, ref_depth, motion[None], K, convention="exact")
+        return float((w.image - item["image"][None]).abs().mean(1, keepdim=True)[w.in_view].mean())
+
+    j = 1
+    ref_depth = torch.from_numpy(scene.depth(refs[j]))[None, None]
+    turned = rotation_warp(item["refs"][j][None], turn, K, convention="exact")
+    turned_depth = rotation_warp(ref_depth, turn, K, convention="exact")
+    composed, naive = (
+        error(turned, turned_depth, rectified[j]),
+        error(turned, turned_depth, item["gt_pose"][j]),
+    )
+    assert composed < 0.5 * naive, (composed, naive)
+
+    module = VideoPretraining(
+        _recipe(root, tmp_path / "run", "v2", "loss.convention=exact", "init=random")
+    )
+    batch = torch.utils.data.default_collate([item])
+    module.rectify_net = _Replay([turn, turn])
+    module.pose_net = _Replay([pose_mat_to_vec(m)[None] for m in rectified])
+    values, n = module.pose_batch(batch)
+    true_angles = [
+        math.degrees(math.acos(min(1.0, (float(g[:3, :3].trace()) - 1) / 2)))
+        for g in item["gt_pose"]
+    ]
+    assert n == 2
+    assert values["pose_rot_err_deg"] < 1e-2 and values["pose_t_cos"] > 1 - 1e-5
+    assert values["pose_rot_none_deg"] == pytest.approx(np.mean(true_angles), abs=1e-2)
+    # Scoring PoseNet's output alone (forgetting the ARN's turn) would be off by the turn.
+    module.rectify_net = _Replay([turn, turn])
+    module.pose_net = _Replay([pose_mat_to_vec(g)[None] for g in item["gt_pose"]])
+    wrong, _ = module.pose_batch(batch)
+    turn_deg = math.degrees(math.acos((float(turn_mat.trace()) - 1) / 2))
+    assert wrong["pose_rot_err_deg"] == pytest.approx(turn_deg, rel=0.05)
+
+
+def test_pose_validation_require_needs_poses_txt_in_every_val_scene(tiny_world, tmp_path):
+    root = tmp_path / "video"
+    shutil.copytree(tiny_world / "video", root)
+    scene = read_scene_list(root / "training" / "val.txt")[0]
+    (root / "training" / scene / "poses.txt").unlink()
+    auto = VideoDataModule(_recipe(root, tmp_path / "a", "v2"))
+    assert auto.pose_set is None and auto.val_mode == "depth"
+    with pytest.raises(MissingFileError, match=f"{scene}/poses.txt"):
+        VideoDataModule(_recipe(root, tmp_path / "b", "v2", "validation.pose=require"))
 
 
 @pytest.mark.slow

@@ -77,6 +77,7 @@ from mesadepth.data.transforms import (
     sc_depth_eval_transforms,
 )
 from mesadepth.data.video import (
+    POSES_FILE,
     PSEUDO_DEPTH_DIR,
     VideoDepthDataset,
     VideoSnippetDataset,
@@ -84,7 +85,13 @@ from mesadepth.data.video import (
 )
 from mesadepth.errors import ConfigError, DataError, MissingFileError
 from mesadepth.evaluation.metrics import depth_metrics, valid_mask
-from mesadepth.geometry import rotation_warp
+from mesadepth.geometry import (
+    euler_to_rotation,
+    pose_errors,
+    pose_vec_to_mat,
+    relative_pose,
+    rotation_warp,
+)
 from mesadepth.losses.consistency import rot_consistency_target
 from mesadepth.losses.photometric import LOSS_WEIGHTS, photo_and_geometry_loss, sc_depth_v2_losses
 from mesadepth.losses.supervised import V3_LOSS_WEIGHTS, sc_depth_v3_losses
@@ -120,6 +127,7 @@ from mesadepth.training import (
 __all__ = [
     "DecoderConfig",
     "PoseConfig",
+    "PoseSnippets",
     "PositionSampler",
     "VALIDATION_METRICS",
     "VideoDataConfig",
@@ -137,6 +145,7 @@ __all__ = [
     "export_model",
     "init_kind",
     "require_pseudo_depth",
+    "resolve_pose_val",
     "resolve_val_mode",
     "run_video",
     "scaled_depth_errors",
@@ -384,6 +393,16 @@ class VideoValidationConfig:
     before_training: bool = field(
         default=True,
         metadata={"help": "also validate the initial model and a constant depth (metrics.json)"},
+    )
+    pose: Literal["auto", "require", "never"] = field(
+        default="auto",
+        metadata={
+            "help": "also score the PoseNet (after the ARN, v2) on val snippets against the true "
+            "motion in <scene>/poses.txt (the synthetic world writes it; SC-Depth data has "
+            "none): auto = when every val scene has one, require = fail without, never. Depth "
+            "from video is learned through the motion: a PoseNet that learns none explains a "
+            "flat depth curve"
+        },
     )
 
 
@@ -737,6 +756,46 @@ def resolve_val_mode(recipe: VideoRecipe) -> Literal["depth", "photo", "none"]:
     return "depth" if has_depth else "photo"
 
 
+def resolve_pose_val(recipe: VideoRecipe) -> bool:
+    """Whether validation also scores the PoseNet (``validation.pose``) against poses.txt."""
+    want = recipe.validation.pose
+    if want == "never" or resolve_val_mode(recipe) == "none":
+        return False
+    val_list = Path(recipe.data.root) / "training" / "val.txt"
+    missing = [
+        s for s in read_scene_list(val_list) if not (val_list.parent / s / POSES_FILE).is_file()
+    ]
+    if missing and want == "require":
+        raise MissingFileError(
+            val_list.parent / missing[0] / POSES_FILE,
+            "true camera motion for validation.pose=require (12 numbers per frame: top 3x4 of "
+            "camera-to-world); set validation.pose=auto or never for data without it",
+        )
+    return not missing
+
+
+class PoseSnippets(Dataset):
+    """Validation snippets plus ``gt_pose`` (R, 4, 4) float32: the true target -> reference
+    motion of each reference (:func:`~mesadepth.geometry.relative_pose` of poses.txt), the
+    motion PoseNet(I_t, I_r) predicts (spec 3.3)."""
+
+    def __init__(self, base: VideoSnippetDataset) -> None:
+        self.base = base
+        self._poses: dict[int, Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        out = self.base[k]
+        s, target, refs = self.base.samples[k]
+        if s not in self._poses:
+            self._poses[s] = torch.from_numpy(self.base.scenes[s].poses())
+        cam = self._poses[s]
+        gt = torch.stack([relative_pose(cam[target], cam[r]) for r in refs]).float()
+        return {**{key: out[key] for key in _BATCH_KEYS if key in out}, "gt_pose": gt}
+
+
 class VideoDataModule(L.LightningDataModule):
     """Training snippets (spec 1.2-1.6) and the validation set of spec 1.7.
 
@@ -770,6 +829,18 @@ class VideoDataModule(L.LightningDataModule):
         self.train_set = _Snippets(self.base, train_transforms(recipe), d.seed)
         self.val_mode = resolve_val_mode(recipe)
         self.val_set = self._val_set()
+        self.pose_set: Dataset | None = None
+        if self.val_set is not None and resolve_pose_val(recipe):
+            self.pose_set = PoseSnippets(
+                VideoSnippetDataset(
+                    d.root,
+                    "val",
+                    sequence_length=d.sequence_length,
+                    skip_frames=d.skip_frames,
+                    transform=sc_depth_eval_transforms(_size(recipe), full_resolution=()),
+                    on_error=d.on_error,
+                )
+            )
 
     def _val_set(self) -> Dataset | None:
         d, size = self.recipe.data, _size(self.recipe)
@@ -815,15 +886,19 @@ class VideoDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader | list:
-        if self.val_set is None:
-            return []
-        return DataLoader(
-            self.val_set,
-            batch_size=self.recipe.data.batch_size,
-            shuffle=False,
-            num_workers=self.recipe.data.num_workers,
-            pin_memory=torch.cuda.is_available(),
-        )
+        """The depth (or photo) loader, then the pose loader when poses are scored."""
+        sets = [s for s in (self.val_set, self.pose_set) if s is not None]
+        loaders = [
+            DataLoader(
+                s,
+                batch_size=self.recipe.data.batch_size,
+                shuffle=False,
+                num_workers=self.recipe.data.num_workers,
+                pin_memory=torch.cuda.is_available(),
+            )
+            for s in sets
+        ]
+        return loaders[0] if len(loaders) == 1 else loaders
 
 
 # ----------------------------------------------------------------------------- validation metrics
@@ -924,6 +999,7 @@ class VideoPretraining(L.LightningModule):
         self.first_losses: list[dict[str, float]] = []
         self.last_losses: list[dict[str, float]] = []
         self._val_rows: list[tuple[dict[str, float], int]] = []
+        self._pose_rows: list[tuple[dict[str, float], int]] = []
         self.last_validation: dict[str, Any] | None = None
         self._start_step: int | None = None
 
@@ -1149,10 +1225,12 @@ class VideoPretraining(L.LightningModule):
         dm = self.trainer.datamodule
         if dm is None or dm.val_set is None:
             return
-        loader = DataLoader(dm.val_set, batch_size=self.recipe.data.batch_size, shuffle=False)
+        bs = self.recipe.data.batch_size
+        loader = DataLoader(dm.val_set, batch_size=bs, shuffle=False)
+        poses = None if dm.pose_set is None else DataLoader(dm.pose_set, batch_size=bs)
         # Forked RNG: the extra pass must not change the random stream of training.
         with torch.random.fork_rng(devices=[]):
-            start, baseline = self.validation_pass(loader, baseline=True)
+            start, baseline = self.validation_pass(loader, baseline=True, pose_loader=poses)
         out: dict[str, Any] = {"validation_start": start}
         if baseline is not None:
             out["baseline_constant_depth"] = baseline
@@ -1196,14 +1274,46 @@ class VideoPretraining(L.LightningModule):
         )
         return {"val_loss": float(pg.photo), "photo": float(pg.photo)}, tgt.shape[0], None
 
+    def pose_batch(self, batch: Mapping[str, Any]) -> tuple[dict[str, float], int]:
+        """PoseNet errors on one batch of :class:`PoseSnippets` (``validation.pose``).
+
+        v2 scores the motion the system predicts: PoseNet(I_t, RotWarp(I_r, r1)) composed with
+        the ARN's rotation, since RotWarp(I_r, r1) shows camera r turned by R(r1)
+        (``X_r = R(r1) X_rectified``). Values: ``pose_rot_err_deg``, ``pose_rot_none_deg``
+        (the error of predicting no rotation), ``pose_t_cos`` (see
+        :func:`~mesadepth.geometry.pose_errors`), means over pairs.
+        """
+        tgt, K, gt = batch["image"], batch["K"], batch["gt_pose"]
+        errs = []
+        for j, ref in enumerate(batch["refs"]):
+            turn = None
+            if self.rectify_net is not None:
+                r1 = self.rectify_net(tgt, ref)
+                ref = rotation_warp(ref, r1, K, convention=self.recipe.loss.convention)
+                turn = euler_to_rotation(r1)
+            motion = pose_vec_to_mat(self.pose_net(tgt, ref))
+            if turn is not None:
+                motion = torch.cat([turn @ motion[:, :3], motion[:, 3:]], 1)
+            errs.append(pose_errors(motion.float(), gt[:, j].float()))
+        rot = torch.cat([e["rot_err_deg"] for e in errs])
+        none = torch.cat([e["rot_gt_deg"] for e in errs])
+        cos = torch.cat([e["t_cos"] for e in errs])
+        values = {
+            "pose_rot_err_deg": float(rot.mean()),
+            "pose_rot_none_deg": float(none.mean()),
+            "pose_t_cos": float(cos.nanmean()),
+        }
+        return values, int(rot.numel())
+
     @torch.no_grad()
     def validation_pass(
-        self, loader: DataLoader, baseline: bool = False
+        self, loader: DataLoader, baseline: bool = False, pose_loader: DataLoader | None = None
     ) -> tuple[dict[str, float], dict[str, float] | None]:
-        """Validate over ``loader`` outside Lightning's loop (eval mode, restored after)."""
+        """Validate over ``loader`` (and score poses over ``pose_loader``) outside Lightning's
+        loop, in eval mode (restored after)."""
         was_training = self.training
         self.eval()
-        rows, base_rows = [], []
+        rows, base_rows, pose_rows = [], [], []
         try:
             for batch in loader:
                 batch = self.transfer_batch_to_device(batch, self.device, 0)
@@ -1211,20 +1321,29 @@ class VideoPretraining(L.LightningModule):
                 rows.append((values, n))
                 if base is not None:
                     base_rows.append((base, n))
+            for batch in pose_loader or ():
+                batch = self.transfer_batch_to_device(batch, self.device, 0)
+                pose_rows.append(self.pose_batch(batch))
         finally:
             self.train(was_training)
-        return _mean_batches(rows), (_mean_batches(base_rows) if base_rows else None)
+        out = {**_mean_batches(rows), **_mean_batches(pose_rows)}
+        return out, (_mean_batches(base_rows) if base_rows else None)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(
+        self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if dataloader_idx == 1:
+            self._pose_rows.append(self.pose_batch(batch))
+            return
         values, n, _ = self.val_batch(batch)
         self._val_rows.append((values, n))
 
     def on_validation_epoch_start(self) -> None:
-        self._val_rows = []
+        self._val_rows, self._pose_rows = [], []
 
     def on_validation_epoch_end(self) -> None:
-        local = _mean_batches(self._val_rows)
-        self._val_rows = []
+        local = {**_mean_batches(self._val_rows), **_mean_batches(self._pose_rows)}
+        self._val_rows, self._pose_rows = [], []
         if not local:
             return
         keys = sorted(local)
