@@ -1104,6 +1104,12 @@ class VideoPretraining(L.LightningModule):
         presets = LOSS_WEIGHTS if self.version == "v2" else V3_LOSS_WEIGHTS
         return {**presets[lo.weights], **{k: float(v) for k, v in lo.term_weights.items()}}
 
+    def rectify(self, tgt: Tensor, ref: Tensor, K: Tensor) -> tuple[Tensor, Tensor]:
+        """v2: ``(RotWarp(I_r, r1), r1)`` with ``r1 = ARN(I_t, I_r)`` (spec 2.4, 3.5)."""
+        assert self.rectify_net is not None
+        r1 = self.rectify_net(tgt, ref)
+        return rotation_warp(ref, r1, K, convention=self.recipe.loss.convention), r1
+
     def v2_terms(self, tgt: Tensor, refs: Sequence[Tensor], K: Tensor) -> dict[str, Tensor]:
         """Spec 0 v2 / 4.5: rectify each reference with the ARN, then the SC-DepthV2 losses."""
         assert self.rectify_net is not None
@@ -1112,8 +1118,7 @@ class VideoPretraining(L.LightningModule):
         tgt_depth = self.depths([tgt])[0]
         rect, r1s, r2s, r3s, gs = [], [], [], [], []
         for ref in refs:
-            r1 = self.rectify_net(tgt, ref)
-            ref_w = rotation_warp(ref, r1, K, convention=conv)  # not detached (spec 4.5)
+            ref_w, r1 = self.rectify(tgt, ref, K)  # not detached (spec 4.5)
             r2 = self.rectify_net(tgt, ref_w)
             g, q = rot_consistency_target(r1, ref_w, ref, K, generator=gen, convention=conv)
             r3 = self.rectify_net(q, ref)
@@ -1262,10 +1267,9 @@ class VideoPretraining(L.LightningModule):
                 )
             return values, n, base
         tgt, refs, K = batch["image"], list(batch["refs"]), batch["K"]
-        conv = self.recipe.loss.convention
         if self.rectify_net is not None:
             # v2 photo-mode validation: references rectified with r1 only (spec 1.7).
-            refs = [rotation_warp(r, self.rectify_net(tgt, r), K, convention=conv) for r in refs]
+            refs = [self.rectify(tgt, r, K)[0] for r in refs]
         depths = self.depths([tgt, *refs])
         poses = [self.pose_net(tgt, r) for r in refs]
         poses_inv = [self.pose_net(r, tgt) for r in refs]
@@ -1288,8 +1292,7 @@ class VideoPretraining(L.LightningModule):
         for j, ref in enumerate(batch["refs"]):
             turn = None
             if self.rectify_net is not None:
-                r1 = self.rectify_net(tgt, ref)
-                ref = rotation_warp(ref, r1, K, convention=self.recipe.loss.convention)
+                ref, r1 = self.rectify(tgt, ref, K)
                 turn = euler_to_rotation(r1)
             motion = pose_vec_to_mat(self.pose_net(tgt, ref))
             if turn is not None:
