@@ -365,8 +365,8 @@ def test_v2_losses_on_the_rendered_clip(video):
 
 def test_photometric_gradient_leads_a_free_pose_to_the_true_motion():
     """What a PoseNet learns from: descending L_photo (true depth, exact convention) from zero
-    motion reaches the true relative poses of five consecutive hand-held frame pairs (the world's
-    0.05 m and 2 deg per frame, 1-3 px of flow at 64x48)."""
+    motion reaches the true relative poses of five consecutive hand-held frame pairs (the tiny
+    world's 0.05 m and 2 deg per frame: 1-3 px of flow at 64x48)."""
     rng = scene_rng(0, "nyu", "video", 1)
     size = room_size(rng, "nyu", "bedroom")
     poses = hand_held_trajectory(rng, size, 6, 0.05, 2.0)

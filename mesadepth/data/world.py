@@ -76,12 +76,12 @@ class VideoConfig:
     frames: int = field(default=40, metadata={"help": "frames per scene"})
     step_m: float = field(default=0.05, metadata={"help": "camera translation per frame (m)"})
     rot_deg: float = field(
-        default=0.5,
+        default=2.0,
         metadata={
-            "help": "camera yaw change per frame (deg); pitch 1/2, roll 1/3. Keep the "
-            "rotational flow (~0.81 x width x radians) within ~2 px if a from-scratch PoseNet "
-            "is to learn from it: at 128 px, 2 deg (4 px) puts the true pose outside the "
-            "photometric loss's basin even with true depth"
+            "help": "camera yaw change per frame (deg); pitch 1/2, roll 1/3. The rotational "
+            "flow is ~0.81 x width x radians: at 128 px, 2 deg is 4 px, beyond the photometric "
+            "loss's basin even with true depth, and a from-scratch PoseNet learned no motion in "
+            "1200 GP steps (at 0.5 deg it did from step ~400; README, 'GP on CPU')"
         },
     )
     jpeg_quality: int = field(default=95, metadata={"help": "JPEG quality of the frames"})
@@ -156,14 +156,11 @@ class SynthConfig:
 
 
 # Presets as overrides of the defaults (which are the demo preset).
-# video.rot_deg: 2 deg per frame is the hand-held turning SC-DepthV2's ARN was built for; at
-# 64 px it is ~1.8 px of flow. The demo's 128 px keeps the flow at ~0.9 px with 0.5 deg: at
-# 2 deg its 90-step GP learned no motion and ended at 96-102 % of the constant map's AbsRel.
 PRESETS: dict[str, dict] = {
     # Seconds: for tests. 64 x 48 is NYUv2's 640 x 480 / 10.
     "tiny": {
         "image": {"width": 64, "height": 48},
-        "video": {"train_scenes": 2, "val_scenes": 1, "frames": 8, "rot_deg": 2.0},
+        "video": {"train_scenes": 2, "val_scenes": 1, "frames": 8},
         "nyu": {"labeled_scenes": 2, "labeled_frames": 3, "frame_gap": 6},
         "lsun": {"per_category": 3, "views_per_room": 3},
         "ibims": {"images": 3},
@@ -174,7 +171,7 @@ PRESETS: dict[str, dict] = {
     # A mid-size world for longer CPU/GPU experiments.
     "small": {
         "image": {"width": 320, "height": 240},
-        "video": {"train_scenes": 24, "val_scenes": 4, "frames": 80, "rot_deg": 2.0},
+        "video": {"train_scenes": 24, "val_scenes": 4, "frames": 80},
         "nyu": {"sync_step": 4, "labeled_scenes": 40, "labeled_frames": 8},
         "lsun": {"per_category": 500},
         "ibims": {"images": 50},
@@ -183,7 +180,7 @@ PRESETS: dict[str, dict] = {
     # NYUv2 / IBims-1 resolution: every protocol constant (Eigen crop, 5 % planes) applies as is.
     "full": {
         "image": {"width": 640, "height": 480},
-        "video": {"train_scenes": 24, "val_scenes": 4, "frames": 120, "rot_deg": 2.0},
+        "video": {"train_scenes": 24, "val_scenes": 4, "frames": 120},
         "nyu": {"sync_step": 7, "labeled_scenes": 60, "labeled_frames": 10, "frame_gap": 10},
         "lsun": {"per_category": 500},
         "ibims": {"images": 100},
