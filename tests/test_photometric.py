@@ -53,16 +53,25 @@ def normalise(rgb: np.ndarray) -> torch.Tensor:
     return (torch.from_numpy(rgb).permute(2, 0, 1)[None].to(D64) / 255 - 0.45) / 0.225
 
 
+def render_walk(
+    index: int, scene_type: str, n_frames: int, step_m: float, keep: list[int] | None = None
+) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """Frames ``keep`` (default all) of a hand-held walk (2 deg per frame) through synthetic
+    room ``index``: the rendered frames, their camera-to-world poses (n, 4, 4) and K."""
+    rng = scene_rng(0, "nyu", "video", index)
+    size = room_size(rng, "nyu", scene_type)
+    poses = hand_held_trajectory(rng, size, n_frames, step_m, 2.0)
+    scene = build_scene(rng, "nyu", scene_type, size, poses[:, :3, 3])
+    poses = poses if keep is None else poses[keep]
+    K = nyu_intrinsics(W, H)
+    return [render_frame(scene, K, p, H, W, supersample=2) for p in poses], poses, K
+
+
 @pytest.fixture(scope="module")
 def video() -> dict:
     """Three frames (i-3, i, i+3) of a hand-held walk, exact depth and camera-to-world poses."""
-    rng = scene_rng(0, "nyu", "video", 0)
-    size = room_size(rng, "nyu", "office")
-    poses = hand_held_trajectory(rng, size, 7, 0.1, 2.0)
-    scene = build_scene(rng, "nyu", "office", size, poses[:, :3, 3])
-    K = nyu_intrinsics(W, H)
-    frames = [render_frame(scene, K, poses[i], H, W, supersample=2) for i in (0, 3, 6)]
-    c2w = [torch.from_numpy(p) for p in poses[[0, 3, 6]]]
+    frames, poses, K = render_walk(0, "office", 7, 0.1, keep=[0, 3, 6])
+    c2w = [torch.from_numpy(p) for p in poses]
 
     def rel(t: int, s: int) -> torch.Tensor:  # target -> source: inv(pose_s) @ pose_t
         return (torch.linalg.inv(c2w[s]) @ c2w[t])[None]
@@ -367,12 +376,7 @@ def test_photometric_gradient_leads_a_free_pose_to_the_true_motion():
     """What a PoseNet learns from: descending L_photo (true depth, exact convention) from zero
     motion reaches the true relative poses of five consecutive hand-held frame pairs (the tiny
     world's 0.05 m and 2 deg per frame: 1-3 px of flow at 64x48)."""
-    rng = scene_rng(0, "nyu", "video", 1)
-    size = room_size(rng, "nyu", "bedroom")
-    poses = hand_held_trajectory(rng, size, 6, 0.05, 2.0)
-    scene = build_scene(rng, "nyu", "bedroom", size, poses[:, :3, 3])
-    K = nyu_intrinsics(W, H)
-    frames = [render_frame(scene, K, p, H, W, supersample=2) for p in poses]
+    frames, poses, K = render_walk(1, "bedroom", 6, 0.05)
     img = torch.cat([normalise(f["rgb"]) for f in frames])
     depth = torch.stack([torch.from_numpy(f["depth"])[None] for f in frames]).to(D64)
     c2w = torch.from_numpy(poses)
