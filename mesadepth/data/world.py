@@ -128,9 +128,14 @@ class IBimsConfig:
 @dataclass
 class AuxConfig:
     scenes: int = field(
-        default=4, metadata={"help": "third-style video scenes (demo teacher data)"}
+        default=16,
+        metadata={
+            "help": "third-style video scenes (the demo teacher's data): its pseudo-depth on the "
+            "video scenes scored 99 % of a constant map's AbsRel when trained on 4 rooms of 30 "
+            "frames, 74 % on 16 rooms of 20"
+        },
     )
-    frames: int = field(default=30, metadata={"help": "frames per aux scene"})
+    frames: int = field(default=20, metadata={"help": "frames per aux scene"})
 
 
 @dataclass
