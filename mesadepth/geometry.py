@@ -203,6 +203,19 @@ def pose_errors(pred: torch.Tensor, gt: torch.Tensor) -> dict[str, torch.Tensor]
     }
 
 
+def pair_translation_cos(toward_first: torch.Tensor, toward_last: torch.Tensor) -> torch.Tensor:
+    """Cosine between the translations predicted from a target frame towards its earliest and
+    its latest reference, both (..., 3); NaN where either is zero.
+
+    Needs no ground truth: on a smooth camera path the two motions point in nearly opposite
+    directions (about -1). A PoseNet that predicts one translation whatever the pair scores
+    +1, the degenerate a from-scratch PoseNet fell into in the demo's GP runs.
+    """
+    norms = toward_first.norm(dim=-1) * toward_last.norm(dim=-1)
+    cos = (toward_first * toward_last).sum(-1) / norms
+    return torch.where(norms > 0, cos, torch.full_like(cos, float("nan")))
+
+
 def _pose_3x4(pose: torch.Tensor, batch: int) -> torch.Tensor:
     """A (B, 6) vector, (B, 3, 4) or (B, 4, 4) matrix (or one unbatched) -> (B, 3, 4)."""
     if pose.shape[-1] == 6 and pose.ndim in (1, 2):

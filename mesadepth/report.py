@@ -174,7 +174,10 @@ def pretraining_table(root: Path) -> list[str]:
         f"depth map's (learned depth: below {LEARNED_FRACTION:.0%} of it). Depth is learned "
         "from video through the motion: where the scenes carry true camera paths, the last "
         "column scores the PoseNet (translation direction cosine, 0 = unrelated, 1 = right; "
-        "rotation error against that of predicting none).",
+        "rotation error against that of predicting none). Its pair cosine needs no true path: "
+        "the translations predicted towards the previous and the next frame point opposite "
+        "ways (about -1) when the PoseNet reads the motion, the same way (+1) when it "
+        "predicts one motion for every pair.",
         "",
         "| stage | steps | loss start → end | depth AbsRel start → end | constant map | "
         "learned depth | PoseNet start → end |",
@@ -185,12 +188,18 @@ def pretraining_table(root: Path) -> list[str]:
 
 
 def _pose_cell(start: Mapping[str, Any], end: Mapping[str, Any]) -> str:
-    if "pose_t_cos" not in end:
-        return "–"
-    t0, t1 = _num(start.get("pose_t_cos")), _num(end.get("pose_t_cos"))
-    r0, r1 = _num(start.get("pose_rot_err_deg")), _num(end.get("pose_rot_err_deg"))
-    none = _num(end.get("pose_rot_none_deg"))
-    return f"t cos {t0:+.2f} → {t1:+.2f}; rotation error {r0:.1f}° → {r1:.1f}° (none: {none:.1f}°)"
+    parts = []
+    if "pose_t_cos" in end:
+        t0, t1 = _num(start.get("pose_t_cos")), _num(end.get("pose_t_cos"))
+        r0, r1 = _num(start.get("pose_rot_err_deg")), _num(end.get("pose_rot_err_deg"))
+        none = _num(end.get("pose_rot_none_deg"))
+        parts.append(
+            f"t cos {t0:+.2f} → {t1:+.2f}; rotation error {r0:.1f}° → {r1:.1f}° (none: {none:.1f}°)"
+        )
+    if "pose_pair_cos" in end:
+        p0, p1 = _num(start.get("pose_pair_cos")), _num(end.get("pose_pair_cos"))
+        parts.append(f"pair cos {p0:+.2f} → {p1:+.2f}")
+    return "; ".join(parts) or "–"
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ from mesadepth.geometry import (
     euler_to_rotation,
     inverse_warp,
     invert_pose,
+    pair_translation_cos,
     pixel_grid,
     pose_errors,
     pose_mat_to_vec,
@@ -145,6 +146,16 @@ def test_pose_errors_against_hand_built_poses():
     small = pose_errors(pose(2, 0.01, (1, 0, 0)).float(), torch.eye(4))
     assert abs(float(small["rot_err_deg"]) - 0.01) < 1e-4
     assert math.isnan(float(pose_errors(torch.eye(4), torch.eye(4))["t_cos"]))
+
+
+def test_pair_translation_cos_tells_a_motion_reading_posenet_from_a_constant_one():
+    toward_prev = torch.tensor([[0.05, 0.0, 0.01], [0.05, 0.0, 0.01], [1.0, 0, 0], [0.0, 0, 0]])
+    toward_next = torch.tensor([[-0.05, 0.0, -0.01], [0.5, 0.0, 0.1], [0, 0, 2.0], [1.0, 0, 0]])
+    cos = pair_translation_cos(toward_prev, toward_next)
+    # Opposite motions (a smooth path read right): -1; one translation for both pairs (the
+    # degenerate), at any scale: +1; orthogonal: 0; a zero translation has no direction.
+    torch.testing.assert_close(cos[:3], torch.tensor([-1.0, 1.0, 0.0]))
+    assert math.isnan(float(cos[3]))
 
 
 # ------------------------------------------------------------------------ projection round trips

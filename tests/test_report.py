@@ -84,12 +84,18 @@ def test_pretraining_table_gives_each_stage_its_losses_and_a_depth_verdict(tmp_p
         steps=90,
         loss_start={"photo": 0.3},
         loss_end={"photo": 0.25},
-        validation_start={"abs_rel": 0.2, "pose_t_cos": 0.01, "pose_rot_err_deg": 14.25},
+        validation_start={
+            "abs_rel": 0.2,
+            "pose_t_cos": 0.01,
+            "pose_rot_err_deg": 14.25,
+            "pose_pair_cos": 1.0,
+        },
         validation={
             "abs_rel": 0.15,
             "pose_t_cos": 0.62,
             "pose_rot_err_deg": 1.04,
             "pose_rot_none_deg": 2.13,
+            "pose_pair_cos": -0.874,
         },
         **depth,
     )
@@ -98,16 +104,16 @@ def test_pretraining_table_gives_each_stage_its_losses_and_a_depth_verdict(tmp_p
         steps=90,
         loss_start={"photo": 0.25},
         loss_end={"photo": 0.24},
-        validation_start={"abs_rel": 0.15},
-        validation={"abs_rel": 0.195},
+        validation_start={"abs_rel": 0.15, "pose_pair_cos": -0.874},
+        validation={"abs_rel": 0.195, "pose_pair_cos": 0.996},  # photo mode: no true path
         **depth,
     )
     rows = [line for line in pretraining_table(tmp_path) if line.startswith("| ")][1:]
     assert rows == [
         "| MP | 120 | masked L1 0.800 → 0.600 | – | – | (no depth validation) | – |",
         "| GP | 90 | photometric 0.300 → 0.250 | 0.2000 → 0.1500 | 0.2000 | yes | t cos +0.01 → "
-        "+0.62; rotation error 14.2° → 1.0° (none: 2.1°) |",
+        "+0.62; rotation error 14.2° → 1.0° (none: 2.1°); pair cos +1.00 → -0.87 |",
         "| SP | 90 | photometric 0.250 → 0.240 | 0.1500 → 0.1950 | 0.2000 | no: no better than "
-        "a constant map | – |",
+        "a constant map | pair cos -0.87 → +1.00 |",
     ]
     assert pretraining_table(tmp_path / "nothing") == []

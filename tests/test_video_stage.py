@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from mesadepth.cli import main
+from mesadepth.commands.pretrain_video import pose_summary
 from mesadepth.config import load_config
 from mesadepth.data.transforms import sc_depth_eval_transforms
 from mesadepth.data.video import VideoSnippetDataset, read_scene_list
@@ -385,12 +386,46 @@ def test_pose_scoring_composes_the_arn_turn_with_the_posenet_motion(tiny_world, 
     assert n == 2
     assert values["pose_rot_err_deg"] < 1e-2 and values["pose_t_cos"] > 1 - 1e-5
     assert values["pose_rot_none_deg"] == pytest.approx(np.mean(true_angles), abs=1e-2)
+    # The true motions towards the previous and the next frame point nearly opposite ways.
+    t_prev, t_next = (g[:3, 3] for g in item["gt_pose"])
+    true_pair = float(t_prev @ t_next / (t_prev.norm() * t_next.norm()))
+    assert true_pair < -0.9
+    assert values["pose_pair_cos"] == pytest.approx(true_pair, abs=1e-4)
     # Scoring PoseNet's output alone (forgetting the ARN's turn) would be off by the turn.
     module.rectify_net = _Replay([turn, turn])
     module.pose_net = _Replay([pose_mat_to_vec(g)[None] for g in item["gt_pose"]])
     wrong, _ = module.pose_batch(batch)
     turn_deg = math.degrees(math.acos((float(turn_mat.trace()) - 1) / 2))
     assert wrong["pose_rot_err_deg"] == pytest.approx(turn_deg, rel=0.05)
+    # A PoseNet that predicts one motion for every pair scores +1, whatever that motion is.
+    module.rectify_net = _Replay([turn, turn])
+    module.pose_net = _Replay([pose_mat_to_vec(rectified[0])[None]] * 2)
+    constant, _ = module.pose_batch(batch)
+    assert constant["pose_pair_cos"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_photo_validation_compares_the_translations_towards_both_references(tiny_world, tmp_path):
+    """Without ground truth, photo-mode validation still tells a PoseNet that reads the motion
+    (opposite translations towards the previous and the next frame) from a constant one."""
+    root = tiny_world / "video"
+    module = VideoPretraining(
+        _recipe(root, tmp_path / "run", "v2", "validation.mode=photo", "init=random")
+    )
+    assert module.val_mode == "photo"
+    val = VideoSnippetDataset(
+        root, "val", transform=sc_depth_eval_transforms((64, 64), full_resolution=())
+    )
+    batch = torch.utils.data.default_collate([val[0], val[1]])
+    step = torch.tensor([[0.01, 0.0, 0.004, 0.0, 0.002, 0.0]]).repeat(2, 1)
+    no_turn = torch.zeros(2, 3)
+    for toward_next, expected in ((-step, -1.0), (step, 1.0), (step * 3, 1.0)):
+        module.rectify_net = _Replay([no_turn, no_turn])
+        # poses (target -> previous, target -> next), then the backward poses.
+        module.pose_net = _Replay([step, toward_next, -step, -toward_next])
+        with torch.no_grad():
+            values, n, _ = module.val_batch(batch)
+        assert n == 2 and values["pose_pair_cos"] == pytest.approx(expected, abs=1e-6)
+        assert values["val_loss"] == values["photo"] > 0
 
 
 def test_pose_validation_require_needs_poses_txt_in_every_val_scene(tiny_world, tmp_path):
@@ -476,3 +511,15 @@ def test_killed_run_resumes_to_the_same_weights(tiny_world, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_the_run_summary_shows_the_posenet_scores_start_to_end():
+    first = {"pose_t_cos": -0.0023, "pose_rot_err_deg": 14.3, "pose_pair_cos": 0.999}
+    last = {"pose_t_cos": 0.0075, "pose_rot_err_deg": 2.5, "pose_rot_none_deg": 2.125}
+    assert pose_summary(first, {**last, "pose_pair_cos": 0.9998}) == (
+        "  PoseNet         t cos -0.002 -> 0.007, rotation error 14.300 -> 2.500, "
+        "pair cos 0.999 -> 1.000, no-rotation error 2.125"
+    )
+    # Photo mode on real video: only the pair cosine, and only the end without a start.
+    assert pose_summary({}, {"pose_pair_cos": -0.8}) == "  PoseNet         pair cos -0.800"
+    assert pose_summary(first, {"abs_rel": 0.2}) is None

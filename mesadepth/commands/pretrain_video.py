@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
 
 _FORMATTER = argparse.RawDescriptionHelpFormatter
@@ -136,4 +137,27 @@ def _run(args: argparse.Namespace) -> int:
                     rows.append((label, metrics[key]))
             for label, row in rows:
                 print(f"  {label:15s} " + "  ".join(f"{k} {row[k]:.4f}" for k in keys))
+        line = pose_summary(metrics.get("validation_start") or {}, val)
+        if line:
+            print(line)
     return 0
+
+
+def pose_summary(first: Mapping[str, float], last: Mapping[str, float]) -> str | None:
+    """One line of PoseNet validation scores, start -> end (None when there are none): the
+    motion is what depth from video is learned through (README, "GP on CPU")."""
+    labels = {
+        "pose_t_cos": "t cos",
+        "pose_rot_err_deg": "rotation error",
+        "pose_pair_cos": "pair cos",
+    }
+    parts = [
+        f"{label} {first[key]:.3f} -> {last[key]:.3f}"
+        if key in first
+        else f"{label} {last[key]:.3f}"
+        for key, label in labels.items()
+        if key in last
+    ]
+    if "pose_rot_none_deg" in last:
+        parts.append(f"no-rotation error {last['pose_rot_none_deg']:.3f}")
+    return "  PoseNet         " + ", ".join(parts) if parts else None

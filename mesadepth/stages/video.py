@@ -87,6 +87,7 @@ from mesadepth.errors import ConfigError, DataError, MissingFileError
 from mesadepth.evaluation.metrics import depth_metrics, valid_mask
 from mesadepth.geometry import (
     euler_to_rotation,
+    pair_translation_cos,
     pose_errors,
     pose_vec_to_mat,
     relative_pose,
@@ -401,7 +402,10 @@ class VideoValidationConfig:
             "motion in <scene>/poses.txt (the synthetic world writes it; SC-Depth data has "
             "none): auto = when every val scene has one, require = fail without, never. Depth "
             "from video is learned through the motion: a PoseNet that learns none explains a "
-            "flat depth curve"
+            "flat depth curve. Without poses, photo mode still logs val/pose_pair_cos: the "
+            "cosine between the translations predicted towards the previous and the next frame "
+            "(about -1 when the PoseNet reads the motion, +1 when it predicts one translation "
+            "for every pair)"
         },
     )
 
@@ -1246,7 +1250,12 @@ class VideoPretraining(L.LightningModule):
     def val_batch(
         self, batch: Mapping[str, Any], baseline: bool = False
     ) -> tuple[dict[str, float], int, dict[str, float] | None]:
-        """Metrics of one validation batch (spec 1.7): (values, images counted, baseline)."""
+        """Metrics of one validation batch (spec 1.7): (values, images counted, baseline).
+
+        Photo mode adds ``pose_pair_cos`` (not in the reference): the PoseNet's translations
+        towards the first and the last reference, compared by
+        :func:`~mesadepth.geometry.pair_translation_cos`; no ground truth needed.
+        """
         v = self.recipe.validation
         crop = None if v.crop == "none" else v.crop
         if self.val_mode == "depth":
@@ -1276,7 +1285,11 @@ class VideoPretraining(L.LightningModule):
         pg = photo_and_geometry_loss(
             tgt, refs, depths[0], depths[1:], K, poses, poses_inv, **self._loss_options()
         )
-        return {"val_loss": float(pg.photo), "photo": float(pg.photo)}, tgt.shape[0], None
+        values = {"val_loss": float(pg.photo), "photo": float(pg.photo)}
+        if len(poses) > 1:
+            pair = pair_translation_cos(poses[0][:, :3].float(), poses[-1][:, :3].float())
+            values["pose_pair_cos"] = float(pair.nanmean())
+        return values, tgt.shape[0], None
 
     def pose_batch(self, batch: Mapping[str, Any]) -> tuple[dict[str, float], int]:
         """PoseNet errors on one batch of :class:`PoseSnippets` (``validation.pose``).
@@ -1285,10 +1298,11 @@ class VideoPretraining(L.LightningModule):
         the ARN's rotation, since RotWarp(I_r, r1) shows camera r turned by R(r1)
         (``X_r = R(r1) X_rectified``). Values: ``pose_rot_err_deg``, ``pose_rot_none_deg``
         (the error of predicting no rotation), ``pose_t_cos`` (see
-        :func:`~mesadepth.geometry.pose_errors`), means over pairs.
+        :func:`~mesadepth.geometry.pose_errors`), means over pairs; ``pose_pair_cos`` (see
+        :func:`~mesadepth.geometry.pair_translation_cos`), the mean over snippets.
         """
         tgt, K, gt = batch["image"], batch["K"], batch["gt_pose"]
-        errs = []
+        errs, motions = [], []
         for j, ref in enumerate(batch["refs"]):
             turn = None
             if self.rectify_net is not None:
@@ -1298,6 +1312,7 @@ class VideoPretraining(L.LightningModule):
             if turn is not None:
                 motion = torch.cat([turn @ motion[:, :3], motion[:, 3:]], 1)
             errs.append(pose_errors(motion.float(), gt[:, j].float()))
+            motions.append(motion.float())
         rot = torch.cat([e["rot_err_deg"] for e in errs])
         none = torch.cat([e["rot_gt_deg"] for e in errs])
         cos = torch.cat([e["t_cos"] for e in errs])
@@ -1306,6 +1321,9 @@ class VideoPretraining(L.LightningModule):
             "pose_rot_none_deg": float(none.mean()),
             "pose_t_cos": float(cos.nanmean()),
         }
+        if len(motions) > 1:
+            pair = pair_translation_cos(motions[0][:, :3, 3], motions[-1][:, :3, 3])
+            values["pose_pair_cos"] = float(pair.nanmean())
         return values, int(rot.numel())
 
     @torch.no_grad()
