@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=_FORMATTER,
         description=(
             "Render the synthetic world (if --out does not hold one yet) and run the whole\n"
-            "MeSa pipeline on configs/demo/pipeline.yaml: tiny Swin-v2, CPU, about 10 minutes\n"
+            "MeSa pipeline on configs/demo/pipeline.yaml: tiny Swin-v2, CPU, about 5 minutes\n"
             "on 2 cores. The supervised stage's teacher is a depth network trained with ground\n"
             "truth on separate synthetic scenes of a third style (the stand-in for LeReS).\n"
             "Running it again skips what is done.\n\n"
