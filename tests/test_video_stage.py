@@ -322,6 +322,7 @@ def test_geometric_run_lowers_the_photometric_loss_and_writes_the_run(tiny_world
     val = metrics["validation"]
     assert val["pose_rot_none_deg"] == pytest.approx(np.mean(batches), rel=1e-4)
     assert 0 <= val["pose_rot_err_deg"] < 180 and -1 <= val["pose_t_cos"] <= 1
+    assert -1 <= val["pose_pair_cos"] <= 1  # wired through validation into metrics.json
     assert json.loads((run / "metrics.json").read_text())["loss_end"] == end
     assert load_config(VideoRecipe, run / "config.yaml") == recipe
 
