@@ -193,13 +193,10 @@ def pose_errors(pred: torch.Tensor, gt: torch.Tensor) -> dict[str, torch.Tensor]
         return torch.rad2deg(torch.atan2(sin, cos))
 
     r_pred, r_gt = pred[..., :3, :3], gt[..., :3, :3]
-    t_pred, t_gt = pred[..., :3, 3], gt[..., :3, 3]
-    norms = t_pred.norm(dim=-1) * t_gt.norm(dim=-1)
-    t_cos = (t_pred * t_gt).sum(-1) / norms
     return {
         "rot_err_deg": angle(r_pred.transpose(-1, -2) @ r_gt),
         "rot_gt_deg": angle(r_gt),
-        "t_cos": torch.where(norms > 0, t_cos, torch.full_like(t_cos, float("nan"))),
+        "t_cos": _direction_cos(pred[..., :3, 3], gt[..., :3, 3]),
     }
 
 
@@ -211,8 +208,13 @@ def pair_translation_cos(toward_first: torch.Tensor, toward_last: torch.Tensor) 
     directions (about -1). A PoseNet that predicts one translation whatever the pair scores
     +1, the degenerate a from-scratch PoseNet fell into in the demo's GP runs.
     """
-    norms = toward_first.norm(dim=-1) * toward_last.norm(dim=-1)
-    cos = (toward_first * toward_last).sum(-1) / norms
+    return _direction_cos(toward_first, toward_last)
+
+
+def _direction_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine between vectors (..., 3), NaN where either is zero (it has no direction)."""
+    norms = a.norm(dim=-1) * b.norm(dim=-1)
+    cos = (a * b).sum(-1) / norms
     return torch.where(norms > 0, cos, torch.full_like(cos, float("nan")))
 
 

@@ -1311,8 +1311,8 @@ class VideoPretraining(L.LightningModule):
             motion = pose_vec_to_mat(self.pose_net(tgt, ref))
             if turn is not None:
                 motion = torch.cat([turn @ motion[:, :3], motion[:, 3:]], 1)
-            errs.append(pose_errors(motion.float(), gt[:, j].float()))
             motions.append(motion.float())
+            errs.append(pose_errors(motions[-1], gt[:, j].float()))
         rot = torch.cat([e["rot_err_deg"] for e in errs])
         none = torch.cat([e["rot_gt_deg"] for e in errs])
         cos = torch.cat([e["t_cos"] for e in errs])
