@@ -19,6 +19,12 @@ Sampling conventions (``convention=``):
   effective sampling position is ``u' W / (W - 1) - 0.5`` (and likewise for v): an identity pose
   is *not* an identity warp, borders are blended 50 % with the zero padding (pitfalls 1, 23).
   The divide uses ``q3 + 1e-7`` and points behind the camera are projected anyway (pitfall 6).
+  That sampling position magnifies the source by ``W / (W - 1)`` about the centre, which a
+  forward translation undoes: with the true depth, L_photo is lower at the true motion plus
+  one common +z translation (about the true translation's size at 64 x 48, 0.03 m at 128 x 96)
+  than at the true motion. A PoseNet trained through it is pulled towards one translation for
+  every pair (``tests/test_photometric.py``; README, "GP on CPU"). The pull fades as ``W``
+  grows.
 - ``"exact"``: samples exactly at the projected pixel ``(u', v')`` (the same normalisation with
   ``align_corners=True``), divides by ``q3`` itself, and sends points with ``q3 <= 0`` (behind
   the source camera) outside the image. The computed depth ``D_c = q3`` is never clamped in

@@ -402,6 +402,40 @@ def test_photometric_gradient_leads_a_free_pose_to_the_true_motion():
     assert loss(vec).item() < 1.02 * at_truth < 0.3 * start, (loss(vec).item(), at_truth, start)
 
 
+def test_reference_warp_pulls_every_translation_forward():
+    """Pitfall 1 in practice: the reference warp samples u W/(W-1) - 0.5, a magnification by
+    W/(W-1) about the centre that a forward translation can undo. From the true motion of five
+    frame pairs (true depth), descending L_photo adds one common +z translation under the
+    reference convention -- the one-translation-for-every-pair degenerate of a PoseNet
+    (``pose_pair_cos`` +1) -- and leaves the truth in place under the exact convention."""
+    frames, poses, K = render_walk(1, "bedroom", 6, 0.05)
+    img = torch.cat([normalise(f["rgb"]) for f in frames])
+    depth = torch.stack([torch.from_numpy(f["depth"])[None] for f in frames]).to(D64)
+    c2w = torch.from_numpy(poses)
+    truth = pose_mat_to_vec(torch.linalg.inv(c2w[1:]) @ c2w[:-1])
+    K = torch.from_numpy(K)
+    drift = {}
+    for convention in ("reference", "exact"):
+        vec = truth.clone().requires_grad_()
+        opt = torch.optim.Adam([vec], lr=2e-3)
+        for _ in range(40):
+            m = pairwise_maps(
+                img[:-1], img[1:], depth[:-1], depth[1:], vec, K, convention=convention
+            )
+            opt.zero_grad()
+            mean_on_mask(m.photo, m.valid).backward()
+            opt.step()
+        drift[convention] = (vec.detach() - truth)[:, :3]
+    ref, exact = drift["reference"], drift["exact"]
+    t_true = truth[:, :3].norm(dim=1).mean()
+    figures = {k: v.numpy().round(4).tolist() for k, v in drift.items()} | {"|t|": float(t_true)}
+    # Every pair moves forward, by a sizeable fraction of the true motion ...
+    assert (ref[:, 2] > 0.2 * t_true).all(), figures
+    assert (ref[:, 2] > 2 * ref[:, :2].abs().max(dim=1).values).all(), figures
+    # ... while the exact convention keeps the truth within a small fraction of it.
+    assert exact.norm(dim=1).max() < 0.5 * ref[:, 2].min(), figures
+
+
 # ----------------------------------------------------------------------------------- smoothness
 
 

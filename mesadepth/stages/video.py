@@ -344,7 +344,11 @@ class VideoLossConfig:
     no_min_optimize: bool = field(default=False, metadata={"help": "no per-pixel view selection"})
     convention: Literal["reference", "exact"] = field(
         default="reference",
-        metadata={"help": "warp sampling: reference (pitfall 1) or exact pixel positions"},
+        metadata={
+            "help": "warp sampling: reference (pitfall 1: it magnifies by W/(W-1), which L_photo "
+            "undoes with a common forward translation, strongly at demo sizes) or exact pixel "
+            "positions"
+        },
     )
     padding_mode: Literal["zeros", "border", "reflection"] = field(
         default="zeros", metadata={"help": "grid-sample padding of the warps"}
