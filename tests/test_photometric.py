@@ -407,7 +407,8 @@ def test_reference_warp_pulls_every_translation_forward():
     W/(W-1) about the centre that a forward translation can undo. From the true motion of five
     frame pairs (true depth), descending L_photo adds one common +z translation under the
     reference convention -- the one-translation-for-every-pair degenerate of a PoseNet
-    (``pose_pair_cos`` +1) -- and leaves the truth in place under the exact convention."""
+    (``pose_pair_cos`` +1) -- of 75-100 % of the true translation's length; under the exact
+    convention the truth moves less than half as far."""
     frames, poses, K = render_walk(1, "bedroom", 6, 0.05)
     img = torch.cat([normalise(f["rgb"]) for f in frames])
     depth = torch.stack([torch.from_numpy(f["depth"])[None] for f in frames]).to(D64)
@@ -432,7 +433,7 @@ def test_reference_warp_pulls_every_translation_forward():
     # Every pair moves forward, by a sizeable fraction of the true motion ...
     assert (ref[:, 2] > 0.2 * t_true).all(), figures
     assert (ref[:, 2] > 2 * ref[:, :2].abs().max(dim=1).values).all(), figures
-    # ... while the exact convention keeps the truth within a small fraction of it.
+    # ... while under the exact convention every pair moves less than half as far.
     assert exact.norm(dim=1).max() < 0.5 * ref[:, 2].min(), figures
 
 
