@@ -372,16 +372,25 @@ def test_v2_losses_on_the_rendered_clip(video):
     torch.testing.assert_close(scaled["smooth"], terms["smooth"])
 
 
-def test_photometric_gradient_leads_a_free_pose_to_the_true_motion():
-    """What a PoseNet learns from: descending L_photo (true depth, exact convention) from zero
-    motion reaches the true relative poses of five consecutive hand-held frame pairs (the tiny
-    world's 0.05 m and 2 deg per frame: 1-3 px of flow at 64x48)."""
+@pytest.fixture(scope="module")
+def walk() -> dict:
+    """Six consecutive frames of a hand-held walk (the tiny world's 0.05 m and 2 deg per frame:
+    1-3 px of flow at 64x48): images, exact depth, the five true motions frame i -> i+1 as
+    (5, 4, 4) matrices, and K."""
     frames, poses, K = render_walk(1, "bedroom", 6, 0.05)
-    img = torch.cat([normalise(f["rgb"]) for f in frames])
-    depth = torch.stack([torch.from_numpy(f["depth"])[None] for f in frames]).to(D64)
     c2w = torch.from_numpy(poses)
-    truth = torch.linalg.inv(c2w[1:]) @ c2w[:-1]  # frame i -> frame i+1
-    K = torch.from_numpy(K)
+    return {
+        "img": torch.cat([normalise(f["rgb"]) for f in frames]),
+        "depth": torch.stack([torch.from_numpy(f["depth"])[None] for f in frames]).to(D64),
+        "truth": torch.linalg.inv(c2w[1:]) @ c2w[:-1],
+        "K": torch.from_numpy(K),
+    }
+
+
+def test_photometric_gradient_leads_a_free_pose_to_the_true_motion(walk):
+    """What a PoseNet learns from: descending L_photo (true depth, exact convention) from zero
+    motion reaches the true relative poses of five consecutive hand-held frame pairs."""
+    img, depth, truth, K = walk["img"], walk["depth"], walk["truth"], walk["K"]
 
     def loss(pose: torch.Tensor) -> torch.Tensor:
         m = pairwise_maps(img[:-1], img[1:], depth[:-1], depth[1:], pose, K, convention="exact")
@@ -402,19 +411,15 @@ def test_photometric_gradient_leads_a_free_pose_to_the_true_motion():
     assert loss(vec).item() < 1.02 * at_truth < 0.3 * start, (loss(vec).item(), at_truth, start)
 
 
-def test_reference_warp_pulls_every_translation_forward():
+def test_reference_warp_pulls_every_translation_forward(walk):
     """Pitfall 1 in practice: the reference warp samples u W/(W-1) - 0.5, a magnification by
     W/(W-1) about the centre that a forward translation can undo. From the true motion of five
     frame pairs (true depth), descending L_photo adds one common +z translation under the
     reference convention -- the one-translation-for-every-pair degenerate of a PoseNet
     (``pose_pair_cos`` +1) -- of 75-100 % of the true translation's length; under the exact
     convention the truth moves less than half as far."""
-    frames, poses, K = render_walk(1, "bedroom", 6, 0.05)
-    img = torch.cat([normalise(f["rgb"]) for f in frames])
-    depth = torch.stack([torch.from_numpy(f["depth"])[None] for f in frames]).to(D64)
-    c2w = torch.from_numpy(poses)
-    truth = pose_mat_to_vec(torch.linalg.inv(c2w[1:]) @ c2w[:-1])
-    K = torch.from_numpy(K)
+    img, depth, K = walk["img"], walk["depth"], walk["K"]
+    truth = pose_mat_to_vec(walk["truth"])
     drift = {}
     for convention in ("reference", "exact"):
         vec = truth.clone().requires_grad_()
