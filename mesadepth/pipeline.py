@@ -356,7 +356,35 @@ class _Chain:
         t = self.cfg.teacher
         if not t.data:
             raise ConfigError("teacher.data is empty: the video root that receives pseudo-depth")
-        return write_pseudo_depth(self.teacher_spec(), t.data, t.batch_size, t.device)
+        summary = write_pseudo_depth(self.teacher_spec(), t.data, t.batch_size, t.device)
+        quality = self._pseudo_depth_quality(t.data)
+        atomic_write_text(
+            self.root / "pseudo_depth" / "quality.json", json.dumps(_plain(quality), indent=2)
+        )
+        val = quality.get("val") or quality.get("train")
+        if val:
+            summary["pseudo_depth_abs_rel"] = val["pseudo_depth"]["abs_rel"]
+            summary["constant_depth_abs_rel"] = val["constant_depth"]["abs_rel"]
+        return summary
+
+    def _pseudo_depth_quality(self, data: str) -> dict[str, Any]:
+        """The teacher's pseudo-depth against the video's ground truth, with the supervised
+        recipe's own validation settings (so the figure compares with the stage's AbsRel)."""
+        from mesadepth.evaluation.pseudo_depth import pseudo_depth_quality
+        from mesadepth.stages.video import VideoRecipe
+
+        sp = self.cfg.supervised
+        recipe = load_config(
+            VideoRecipe, self.recipe(sp.recipe, "supervised"), ["version=v3", *sp.overrides]
+        )
+        v = recipe.validation
+        return pseudo_depth_quality(
+            data,
+            folder=recipe.data.pseudo_depth,
+            min_depth=v.min_depth,
+            max_depth=v.max_depth,
+            crop=None if v.crop == "none" else v.crop,
+        )
 
     def _evaluate(self, variant: str) -> dict[str, Any]:
         ev = self.cfg.evaluate

@@ -1,8 +1,10 @@
 """``report.md`` of a pipeline run: the paper's Table 1 and Table 2 rows, CKA figures, previews.
 
-Everything here reads files the pipeline steps wrote (``evaluate/<V>/{nyu,ibims}.json``,
+Everything here reads files the pipeline steps wrote (``<stage>/metrics.json`` and
+``config.yaml``, ``pseudo_depth/quality.json``, ``evaluate/<V>/{nyu,ibims}.json``,
 ``cka/*.png``, ``finetune/<V>/model.safetensors``, ``<step>/.done.json``), so a report can be
-rebuilt from a finished run directory without training anything.
+rebuilt from a finished run directory without training anything. Every figure and every
+statement about what a stage learned comes from those files; the fixed text only explains.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ __all__ = [
     "IBIMS_COLUMNS",
     "NYU_COLUMNS",
     "ordering_statement",
+    "pose_source_statement",
     "pretraining_table",
     "relative_improvement",
     "table_markdown",
+    "teacher_statement",
     "write_report",
 ]
 
@@ -130,6 +134,85 @@ LEARNED_FRACTION = 0.95
 """A video stage "learned depth" when its final median-scaled AbsRel is below this fraction of
 the constant-depth map's (and below its own start)."""
 
+_STAGES = (("masked", "MP"), ("geometric", "GP"), ("supervised", "SP"))
+
+
+def _depth_verdict(a0: float, a1: float, base: float) -> str:
+    """The table's verdict for a stage whose depth AbsRel went from ``a0`` to ``a1``."""
+    if a1 > a0:
+        return "**no: worse than where it started**"
+    if a1 < LEARNED_FRACTION * base:
+        return "yes"
+    return "no: no better than a constant map"
+
+
+def _read_yaml(path: Path) -> dict[str, Any] | None:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def pose_source_statement(root: Path) -> list[str]:
+    """Plain words on where the video stages' camera motion came from, read from the stages'
+    saved recipes (``<stage>/config.yaml``, key ``pose.source``; absent = the PoseNet)."""
+    sources: dict[str, str] = {}
+    for step, label in _STAGES[1:]:
+        cfg = _read_yaml(root / step / "config.yaml")
+        if cfg is not None:
+            sources[label] = str((cfg.get("pose") or {}).get("source", "posenet"))
+    if not sources:
+        return []
+    posed = [k for k, v in sources.items() if v == "poses"]
+    learned = [k for k, v in sources.items() if v != "poses"]
+    lines: list[str] = []
+    if posed:
+        lines.append(
+            f"{' and '.join(posed)} took the camera motion between frames from the scenes' known "
+            "poses (`pose.source: poses`, `<scene>/poses.txt`), not from a PoseNet. The paper's "
+            "recipe learns the motion with a PoseNet (`pose.source: posenet`, "
+            "`configs/paper/geometric.yaml`), which needs GPU-scale training to learn it."
+        )
+    if learned:
+        lines.append(
+            f"{' and '.join(learned)} learned the camera motion with a PoseNet "
+            "(`pose.source: posenet`, the reference SC-Depth recipe)."
+        )
+    return [" ".join(lines), ""]
+
+
+def teacher_statement(root: Path) -> list[str]:
+    """The teacher's pseudo-depth quality as this run measured it (``pseudo_depth/quality.json``,
+    written by the pipeline's pseudo-depth step), or why it was not measured."""
+    q = _read_json(root / "pseudo_depth" / "quality.json")
+    if q is None:
+        return []
+    if not q.get("measured"):
+        return [
+            f"The teacher's pseudo-depth was not scored: {q.get('reason', 'no ground truth')}.",
+            "",
+        ]
+    parts = []
+    for split, words in (("val", "held-out"), ("train", "training")):
+        r = q.get(split)
+        if not r:
+            continue
+        a, b = _num(r["pseudo_depth"].get("abs_rel")), _num(r["constant_depth"].get("abs_rel"))
+        parts.append(
+            f"{_fmt(a, 4)} on the {words} video scenes ({int(r['frames'])} frames; a constant "
+            f"map: {_fmt(b, 4)}, so {a / b:.0%} of it)"
+        )
+    if not parts:
+        return []
+    return [
+        "The supervised stage's teacher, as measured in this run: its pseudo-depth scores a "
+        "median-scaled AbsRel of " + " and ".join(parts) + ".",
+        "",
+    ]
+
 
 def pretraining_table(root: Path) -> list[str]:
     """Markdown lines: what each pre-training step of ``root`` learned, from its metrics.json.
@@ -138,11 +221,14 @@ def pretraining_table(root: Path) -> list[str]:
     where validation had depth, the median-scaled AbsRel of the depth net before and after
     training against a constant depth map's, with a verdict; a stage that trained but whose depth
     stays at the constant map's level says so, because the fine-tuning tables then measure the
-    encoder it handed on, not depth it learned. Where the run scored its PoseNet
-    (``validation.pose``), the translation-direction cosine and rotation error before and after.
+    encoder it handed on, not depth it learned, and a stage whose depth got worse is flagged
+    below the table. Where the run scored its PoseNet (``validation.pose``), the
+    translation-direction cosine and rotation error before and after. Every figure and every
+    sentence comes from the run's files.
     """
     lines: list[str] = []
-    for step, label in (("masked", "MP"), ("geometric", "GP"), ("supervised", "SP")):
+    findings: list[str] = []
+    for step, label in _STAGES:
         m = _read_json(root / step / "metrics.json")
         if not m:
             continue
@@ -157,15 +243,31 @@ def pretraining_table(root: Path) -> list[str]:
         base = (m.get("baseline_constant_depth") or {}).get("abs_rel")
         if m.get("validation_mode") == "depth" and base is not None and v1:
             a0, a1, b = _num(v0.get("abs_rel")), _num(v1.get("abs_rel")), _num(base)
-            learned = a1 < LEARNED_FRACTION * b and a1 < a0
-            depth = f"{_fmt(a0, 4)} → {_fmt(a1, 4)} | {_fmt(b, 4)} | " + (
-                "yes" if learned else "no: no better than a constant map"
-            )
+            depth = f"{_fmt(a0, 4)} → {_fmt(a1, 4)} | {_fmt(b, 4)} | {_depth_verdict(a0, a1, b)}"
+            if math.isfinite(a1) and math.isfinite(b) and b > 0:
+                findings.append(
+                    f"{label} ended at {a1 / b:.0%} of the constant map's AbsRel "
+                    f"({_fmt(a0, 4)} → {_fmt(a1, 4)})."
+                )
+            if a1 > a0:
+                findings.append(
+                    f"**Warning: {label}'s held-out depth got worse during the stage "
+                    f"({_fmt(a0, 4)} → {_fmt(a1, 4)}).**"
+                )
         else:
             depth = "– | – | (no depth validation)"
         lines.append(f"| {label} | {steps} | {loss} | {depth} | {_pose_cell(v0, v1)} |")
     if not lines:
         return []
+    gp = _read_json(root / "geometric" / "metrics.json") or {}
+    sp = _read_json(root / "supervised" / "metrics.json") or {}
+    g1 = _num((gp.get("validation") or {}).get("abs_rel"))
+    s1 = _num((sp.get("validation") or {}).get("abs_rel"))
+    if math.isfinite(g1) and math.isfinite(s1):
+        findings.append(
+            f"SP {'ended below' if s1 < g1 else 'did not end below'} GP's end "
+            f"({_fmt(s1, 4)} vs {_fmt(g1, 4)})."
+        )
     return [
         "## What each pre-training stage learned",
         "",
@@ -184,6 +286,9 @@ def pretraining_table(root: Path) -> list[str]:
         "|---|---|---|---|---|---|---|",
         *lines,
         "",
+        *([" ".join(findings), ""] if findings else []),
+        *pose_source_statement(root),
+        *teacher_statement(root),
     ]
 
 

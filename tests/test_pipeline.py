@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -134,6 +135,9 @@ def test_pipeline_runs_reports_skips_and_resumes(tmp_path: Path, capsys):
     for variant in ("MP", "MP+GP", "MP+GP+SP"):
         assert f"| {variant} | " in report
     assert "| MP+GP+SP vs MP |" in report and "Test run." in report
+    quality = json.loads((run / "pseudo_depth" / "quality.json").read_text())
+    a = quality["val"]["pseudo_depth"]["abs_rel"]
+    assert quality["measured"] and f"median-scaled AbsRel of {a:.4f} on the held-out" in report
     assert (run / "report" / "previews.png").is_file() and (
         run / "cka" / "comparison.png"
     ).is_file()

@@ -1,17 +1,25 @@
-"""report.md pieces: the paper's relative-improvement row and the honest ordering sentence."""
+"""report.md pieces: the paper's relative-improvement row, the honest ordering sentence, and the
+statements computed from the run's files (stage verdicts, pose source, teacher quality)."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
+
+import pytest
+import yaml
 
 from mesadepth.report import (
     IBIMS_COLUMNS,
     NYU_COLUMNS,
     ordering_statement,
+    pose_source_statement,
     pretraining_table,
     relative_improvement,
     table_markdown,
+    teacher_statement,
     write_report,
 )
 
@@ -113,7 +121,70 @@ def test_pretraining_table_gives_each_stage_its_losses_and_a_depth_verdict(tmp_p
         "| MP | 120 | masked L1 0.800 → 0.600 | – | – | (no depth validation) | – |",
         "| GP | 90 | photometric 0.300 → 0.250 | 0.2000 → 0.1500 | 0.2000 | yes | t cos +0.01 → "
         "+0.62; rotation error 14.2° → 1.0° (none: 2.1°); pair cos +1.00 → -0.87 |",
-        "| SP | 90 | photometric 0.250 → 0.240 | 0.1500 → 0.1950 | 0.2000 | no: no better than "
-        "a constant map | pair cos -0.87 → +1.00 |",
+        "| SP | 90 | photometric 0.250 → 0.240 | 0.1500 → 0.1950 | 0.2000 | **no: worse than "
+        "where it started** | pair cos -0.87 → +1.00 |",
     ]
+    text = "\n".join(pretraining_table(tmp_path))
+    assert "GP ended at 75% of the constant map's AbsRel (0.2000 → 0.1500)." in text
+    assert "**Warning: SP's held-out depth got worse during the stage (0.1500 → 0.1950).**" in text
+    assert "SP did not end below GP's end (0.1950 vs 0.1500)." in text
     assert pretraining_table(tmp_path / "nothing") == []
+
+
+def test_a_stage_below_its_start_but_near_the_constant_map_learned_nothing(tmp_path):
+    (tmp_path / "supervised").mkdir()
+    m = {
+        "steps": 9,
+        "validation_mode": "depth",
+        "baseline_constant_depth": {"abs_rel": 0.2},
+        "validation_start": {"abs_rel": 0.2},
+        "validation": {"abs_rel": 0.195},  # above 95 % of 0.2
+    }
+    (tmp_path / "supervised" / "metrics.json").write_text(json.dumps(m))
+    text = "\n".join(pretraining_table(tmp_path))
+    assert "| no: no better than a constant map |" in text and "Warning" not in text
+
+
+def test_pose_source_and_teacher_sentences_come_from_the_run_files(tmp_path):
+    for step, source in (("geometric", "poses"), ("supervised", None)):
+        (tmp_path / step).mkdir()
+        pose = {"source": source} if source else {"scale": 0.01}  # absent key = the PoseNet
+        (tmp_path / step / "config.yaml").write_text(yaml.safe_dump({"pose": pose}))
+    words = " ".join(pose_source_statement(tmp_path))
+    assert words.startswith("GP took the camera motion between frames from the scenes' known")
+    assert "SP learned the camera motion with a PoseNet" in words
+    assert pose_source_statement(tmp_path / "none") == []
+
+    (tmp_path / "pseudo_depth").mkdir()
+    q = {
+        "measured": True,
+        "val": {
+            "frames": 40,
+            "pseudo_depth": {"abs_rel": 0.15},
+            "constant_depth": {"abs_rel": 0.2},
+        },
+    }
+    (tmp_path / "pseudo_depth" / "quality.json").write_text(json.dumps(q))
+    assert teacher_statement(tmp_path)[0] == (
+        "The supervised stage's teacher, as measured in this run: its pseudo-depth scores a "
+        "median-scaled AbsRel of 0.1500 on the held-out video scenes (40 frames; a constant "
+        "map: 0.2000, so 75% of it)."
+    )
+    (tmp_path / "pseudo_depth" / "quality.json").write_text(
+        json.dumps({"measured": False, "reason": "no depth"})
+    )
+    assert teacher_statement(tmp_path)[0] == "The teacher's pseudo-depth was not scored: no depth."
+
+
+_FIGURE = re.compile(r"\d+(\.\d+)?\s*%|\d\.\d{2,}")
+
+
+@pytest.mark.parametrize("recipes", ["demo", "paper"])
+def test_pipeline_notes_claim_no_measured_figure(recipes):
+    """A report states only what its run measured: fixed notes explain, they carry no result
+    (a percentage or a figure with two or more decimals)."""
+    path = Path(__file__).parents[1] / "configs" / recipes / "pipeline.yaml"
+    notes = (yaml.safe_load(path.read_text()).get("report") or {}).get("notes") or []
+    for note in notes:
+        assert not _FIGURE.search(note), f"{path}: a report note quotes a figure: {note!r}"
+    assert _FIGURE.search("scores 0.178") and _FIGURE.search("82 % of")  # the check bites

@@ -28,10 +28,12 @@ __all__ = [
     "MetricAverager",
     "PAPER_COLUMNS",
     "REFERENCE_COLUMNS",
+    "SCALED_METRICS",
     "depth_metrics",
     "eigen_crop_bounds",
     "eigen_crop_mask",
     "format_table",
+    "median_scaled_metrics",
     "sanitize_prediction",
     "valid_mask",
 ]
@@ -212,6 +214,71 @@ def depth_metrics(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> dict[st
             "silog_bts": 100.0 * np.sqrt(max(mean_e2 - mean_e * mean_e, 0.0)),
         }
     return {k: float(v) for k, v in out.items()}
+
+
+#: The video stages' validation metrics (SC-Depth spec 7.1), in the reference's order.
+SCALED_METRICS: tuple[str, ...] = (
+    "abs_diff",
+    "abs_rel",
+    "sq_rel",
+    "log10",
+    "rmse",
+    "rmse_log",
+    "a1",
+    "a2",
+    "a3",
+)
+
+
+def _lower_median(x: np.ndarray) -> np.floating:
+    # torch.median's convention (the reference's): the lower of the two middle values.
+    k = (x.size - 1) // 2
+    return np.partition(x, k)[k]
+
+
+def median_scaled_metrics(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    min_depth: float = 0.1,
+    max_depth: float = 10.0,
+    crop: str | None = "eigen",
+) -> dict[str, float] | None:
+    """SC-Depth's validation metrics of one image (spec 7.1): median scaling, then the set.
+
+    valid = ``min_depth < gt < max_depth`` and the (scaled) crop; the prediction over those
+    pixels is multiplied by median(gt) / median(pred) (lower medians, float32 as the reference)
+    and clamped to [min_depth, max_depth]. Keys :data:`SCALED_METRICS` (a1..a3 = d1..d3).
+
+    Args:
+        pred: (H, W) predicted depth at ground truth's size, any positive scale.
+        gt: (H, W) ground truth in metres (0 = missing).
+
+    Returns:
+        The metrics, or None when the image has no valid pixel.
+    """
+    g = np.asarray(gt, dtype=np.float32)
+    p = np.asarray(pred, dtype=np.float32)
+    if p.shape != g.shape:
+        raise ConfigError(f"median_scaled_metrics: pred {p.shape} and gt {g.shape} differ")
+    mask = valid_mask(g, min_depth, max_depth, crop)
+    if not mask.any():
+        return None
+    gv, pv = g[mask], p[mask]
+    scale = np.float32(_lower_median(gv)) / np.float32(_lower_median(pv))
+    pv = np.clip(pv * scale, np.float32(min_depth), np.float32(max_depth))
+    pn, gn = pv.astype(np.float64), gv.astype(np.float64)
+    m = depth_metrics(pn, gn, np.ones(gn.shape, dtype=bool))
+    return {
+        "abs_diff": float(np.mean(np.abs(gn - pn))),
+        "abs_rel": m["abs_rel"],
+        "sq_rel": m["sq_rel"],
+        "log10": m["log10"],
+        "rmse": m["rmse"],
+        "rmse_log": m["rmse_log"],
+        "a1": m["d1"],
+        "a2": m["d2"],
+        "a3": m["d3"],
+    }
 
 
 class MetricAverager:

@@ -84,7 +84,7 @@ from mesadepth.data.video import (
     read_scene_list,
 )
 from mesadepth.errors import ConfigError, DataError, MissingFileError
-from mesadepth.evaluation.metrics import depth_metrics, valid_mask
+from mesadepth.evaluation.metrics import SCALED_METRICS, median_scaled_metrics
 from mesadepth.geometry import (
     euler_to_rotation,
     pair_translation_cos,
@@ -157,17 +157,7 @@ Version = Literal["v2", "v3"]
 InitKind = Literal["random", "encoder", "stage", "official", "sc_depth"]
 STAGE_NAMES: dict[str, str] = {"v2": "geometric", "v3": "supervised"}
 #: Spec 7.1's metrics, in the reference's order.
-VALIDATION_METRICS = (
-    "abs_diff",
-    "abs_rel",
-    "sq_rel",
-    "log10",
-    "rmse",
-    "rmse_log",
-    "a1",
-    "a2",
-    "a3",
-)
+VALIDATION_METRICS = SCALED_METRICS
 _PSEUDO_DEPTH_HINT = (
     "stage 3 trains on a teacher's pseudo-depth: run `mesadepth pseudo-depth --teacher SPEC "
     "--data {root}` first (it writes <scene>/{folder}/*.png beside the frames), or set "
@@ -923,10 +913,8 @@ def scaled_depth_errors(
     """Spec 7.1 on one batch: per image, median scaling then the nine metrics; batch means.
 
     ``pred`` (B, 1, h, w) is resized to the ground truth's size (bilinear, align_corners
-    False); valid = ``min_depth < gt < max_depth`` and the (scaled) Eigen crop; scale =
-    median(gt) / median(pred) over valid pixels with torch's lower median; prediction clamped
-    to [min_depth, max_depth]. Metric formulas are :func:`~mesadepth.evaluation.metrics.
-    depth_metrics` plus ``abs_diff``; a1..a3 = d1..d3.
+    False), then each image is scored by :func:`~mesadepth.evaluation.metrics.
+    median_scaled_metrics` (valid range and crop, lower-median scaling, clamping).
 
     Args:
         pred: (B, 1, h, w) predicted depth (any positive scale).
@@ -946,24 +934,9 @@ def scaled_depth_errors(
     sums = dict.fromkeys(VALIDATION_METRICS, 0.0)
     counted = 0
     for p, g in zip(pred[:, 0].cpu(), gt[:, 0].detach().float().cpu(), strict=True):
-        mask = torch.from_numpy(valid_mask(g.numpy(), min_depth, max_depth, crop))
-        if not bool(mask.any()):
+        values = median_scaled_metrics(p.numpy(), g.numpy(), min_depth, max_depth, crop)
+        if values is None:
             continue
-        gv, pv = g[mask], p[mask]
-        pv = (pv * (torch.median(gv) / torch.median(pv))).clamp(min_depth, max_depth)
-        pn, gn = pv.double().numpy(), gv.double().numpy()
-        m = depth_metrics(pn, gn, np.ones(gn.shape, dtype=bool))
-        values = {
-            "abs_diff": float(np.mean(np.abs(gn - pn))),
-            "abs_rel": m["abs_rel"],
-            "sq_rel": m["sq_rel"],
-            "log10": m["log10"],
-            "rmse": m["rmse"],
-            "rmse_log": m["rmse_log"],
-            "a1": m["d1"],
-            "a2": m["d2"],
-            "a3": m["d3"],
-        }
         for k in sums:
             sums[k] += values[k]
         counted += 1
