@@ -237,7 +237,9 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
             "  nyu:    labeled .mat + splits.mat test split, rawDepths in mm, Eigen crop,\n"
             "          1e-3 < gt < 10, metrics averaged per image (Table 1 columns)\n"
             "  ibims:  IBims-1 .mat files: boundary (acc, comp), planarity (plane, orientation),\n"
-            "          global errors, as the official evaluation computes them (Table 2)\n"
+            "          global errors, as the official evaluation computes them (Table 2), and\n"
+            "          the distance-related errors (AbsRel, log10, RMS per 1 m GT-depth bin,\n"
+            "          0-20 m) of the later official metric files\n"
             "  folder: <data>/rgb/<name>.jpg|png with <data>/depth/<name>.png (uint16 mm)\n\n"
             "What is scored (exactly one):\n"
             "  --checkpoint PATH  a depth model run through MIM-Depth's test-time protocol: RGB/255,\n"
@@ -290,6 +292,15 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
         "--ibims-scaled-planes",
         action="store_true",
         help="ibims: plane size threshold = 5%% of the actual image (for images smaller than 640x480)",
+    )
+    p.add_argument(
+        "--ibims-dbe-input",
+        choices=["official", "masked"],
+        default="official",
+        help="ibims: what the boundary errors' Canny sees. official (default): the whole "
+        "prediction, as the official v0.9 evaluation; masked: the prediction zeroed outside the "
+        "valid GT pixels, as BS-Net's and DANet's evaluation copies do (invalid regions become "
+        "holes that hide nearby predicted edges, so their DBE values differ)",
     )
     p.add_argument("--out", type=Path, help="write metrics.json (aggregate and per image) here")
     m = p.add_argument_group("model options (--checkpoint only)")
@@ -366,6 +377,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             raise ConfigError(f"{', '.join(given)} only apply with --checkpoint, not --predictions")
     if args.batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {args.batch}")
+    if args.ibims_dbe_input != "official" and args.dataset != "ibims":
+        raise ConfigError("--ibims-dbe-input applies to --dataset ibims only")
     if args.dataset == "nyu":
         mat = args.data if args.data.suffix == ".mat" else args.data / "nyu_depth_v2_labeled.mat"
         samples = nyu_samples(mat, args.splits or mat.with_name("splits.mat"))
@@ -381,6 +394,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             predictions_reader(args.predictions),
             progress=not args.quiet,
             ibims_scaled_planes=args.ibims_scaled_planes,
+            ibims_dbe_input=args.ibims_dbe_input,
         )
         results["source"] = {"predictions": str(args.predictions)}
     else:
@@ -403,6 +417,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             batch=args.batch,
             progress=not args.quiet,
             ibims_scaled_planes=args.ibims_scaled_planes,
+            ibims_dbe_input=args.ibims_dbe_input,
             save_predictions=args.save_predictions,
         )
         seconds = time.perf_counter() - t0

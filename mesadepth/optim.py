@@ -72,6 +72,9 @@ def is_no_decay(
 
     ``"intended"``: additionally exempts any name with a dotted component in
     :data:`INTENDED_SKIP_KEYWORDS` (what timm's ``no_weight_decay()`` returns).
+
+    For an encoder, :meth:`~mesadepth.models.backbone.SwinV2Encoder.no_weight_decay` with the
+    same ``rule`` lists exactly the names this exempts (so timm's optimizer factory agrees).
     """
     if rule not in ("reference", "intended"):
         raise ConfigError(f"no-decay rule must be 'reference' or 'intended', got {rule!r}")
@@ -354,7 +357,8 @@ def is_no_decay_finetune(
     name: str, param: torch.Tensor, keywords: Iterable[str] = FINETUNE_NO_DECAY_KEYWORDS
 ) -> bool:
     """Fine-tuning no-decay rule (spec 2.5): 1-D tensors, ``.bias`` names, and names containing
-    any of ``keywords`` (substring match, as the reference does)."""
+    any of ``keywords`` (substring match, as the reference does). An encoder's
+    ``no_weight_decay("finetune")`` lists the names this exempts with the default keywords."""
     if param.ndim == 1 or name.endswith(".bias"):
         return True
     return any(k in name for k in keywords)

@@ -116,6 +116,13 @@ class EvaluateStep:
             "demo's 128 x 96, where no plane would qualify)"
         },
     )
+    ibims_dbe_input: Literal["official", "masked"] = field(
+        default="official",
+        metadata={
+            "help": "IBims-1 boundary errors on the whole prediction (official) or on the "
+            "prediction masked by the valid GT pixels (masked: BS-Net's / DANet's copies)"
+        },
+    )
 
 
 @dataclass
@@ -402,6 +409,7 @@ class _Chain:
                     ev.shift_window,
                     ev.device,
                     ev.ibims_scaled_planes,
+                    ev.ibims_dbe_input,
                 )
         return {k: v["mean"] for k, v in results.items()}
 
@@ -501,6 +509,7 @@ def evaluate_model(
     shift_window: bool = True,
     device: str = "auto",
     ibims_scaled_planes: bool = False,
+    ibims_dbe_input: str = "official",
 ) -> dict[str, Any]:
     """Evaluate a fine-tuned ``model.safetensors`` under the ``dataset`` protocol into ``out``."""
     from mesadepth.evaluation.evaluate import (
@@ -525,6 +534,7 @@ def evaluate_model(
         samples,
         lambda s, i: predict(s.image),
         ibims_scaled_planes=ibims_scaled_planes,
+        ibims_dbe_input=ibims_dbe_input,
     )
     write_results(results, out)
     return results

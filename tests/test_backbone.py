@@ -7,6 +7,7 @@ import re
 from functools import partial
 
 import pytest
+import timm
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -126,6 +127,45 @@ def test_layer_norm_eps_defaults_to_reference_value_and_is_configurable() -> Non
     assert eps == {1e-6}
     enc5 = build_encoder("tiny-cpu", layer_norm_eps=1e-5)
     assert {m.eps for m in enc5.modules() if isinstance(m, nn.LayerNorm)} == {1e-5}
+
+
+@pytest.mark.parametrize(
+    ("preset", "eps"),
+    [
+        ("tiny-cpu", 1e-6),
+        ("swinv2_base_window12_192", 1e-5),  # SimMIM / official Swin-v2 (spec pitfall 16)
+        ("swinv2_large_window12_192", 1e-5),
+        ("swinv2_large_window30_480", 1e-6),  # the depth repository's encoder (spec 2.1)
+        ("swinv2_base_window30_480", 1e-6),
+    ],
+)
+def test_every_norm_layer_of_each_preset_has_the_reference_eps(preset: str, eps: float) -> None:
+    assert set(SWINV2_PRESETS) == {
+        "tiny-cpu",
+        "swinv2_base_window12_192",
+        "swinv2_large_window12_192",
+        "swinv2_large_window30_480",
+        "swinv2_base_window30_480",
+    }  # a new preset needs a row above
+    with torch.device("meta"):  # architecture only: no memory, no initialisation cost
+        enc = build_encoder(preset)
+    norms = [m for m in enc.modules() if hasattr(m, "eps")]
+    # Every norm: patch embedding, norm1 + norm2 per block, 3 patch mergings, the output norm.
+    depths = SWINV2_PRESETS[preset]["depths"]
+    assert len(norms) == 1 + 2 * sum(depths) + 3 + 1
+    assert all(isinstance(m, nn.LayerNorm) for m in norms)
+    assert {m.eps for m in norms} == {eps}
+    assert enc.config["layer_norm_eps"] == eps  # saved files reopen with it
+    if preset.endswith("_window12_192"):
+        # Named after timm's model, whose norms (nn.LayerNorm defaults) the official SimMIM
+        # checkpoints were trained with.
+        with torch.device("meta"):
+            ref = timm.create_model(preset, pretrained=False, num_classes=0)
+        assert [m.eps for m in ref.modules() if hasattr(m, "eps")] == [m.eps for m in norms]
+    # An explicit eps still wins over the preset.
+    with torch.device("meta"):
+        other = build_encoder(preset, layer_norm_eps=1e-3)
+    assert {m.eps for m in other.modules() if hasattr(m, "eps")} == {1e-3}
 
 
 def test_build_encoder_rejects_unknown_names_with_close_matches() -> None:

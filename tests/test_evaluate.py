@@ -110,6 +110,69 @@ def test_ibims_ground_truth_as_prediction(world: Path, tmp_path: Path):
     assert json.loads(out.read_text())["mean"]["pe_fla"] is None
 
 
+def test_ibims_distance_errors_and_dbe_input_reach_json_and_table(world: Path, tmp_path, capsys):
+    from mesadepth.data.ibims import write_ibims_mat, write_imagelist
+    from mesadepth.evaluation.ibims import ibims_image_metrics
+
+    # The world's IBims images with invalid GT on every third column of the top half, so that
+    # masking the prediction (BS-Net's DBE input) changes the boundary errors.
+    src = IBimsDataset(world / "ibims")
+    data, preds = tmp_path / "ibims", tmp_path / "p"
+    preds.mkdir()
+    for i in range(len(src)):
+        s = src[i]
+        s["mask_invalid"][: s["depth"].shape[0] // 2, ::3] = 0
+        fields = {k: s[k] for k in ("depth", "edges", "calib", "mask_invalid", "mask_transp")}
+        for cls in ("wall", "table", "floor"):
+            fields[f"mask_{cls}"] = s[f"mask_{cls}"]
+            fields[f"mask_{cls}_paras"] = s["planes"][cls]
+        write_ibims_mat(data / "ibims1_core_mat" / f"{s['name']}.mat", rgb=s["image"], **fields)
+        # 1.25 x the truth: AbsRel 0.25 in every bin that holds pixels (exact in float32).
+        pred = np.where(s["depth"] > 0, s["depth"] * np.float32(1.25), np.nan)
+        np.save(preds / f"{s['name']}.npy", pred.astype(np.float32))
+    write_imagelist(data / "imagelist.txt", [src[i]["name"] for i in range(len(src))])
+    scored = IBimsDataset(data)
+    items = [scored[i] for i in range(len(scored))]
+
+    out = tmp_path / "m.json"
+    args = ["evaluate", "--dataset", "ibims", "--data", str(data), "--predictions", str(preds)]
+    args += ["--out", str(out), "--quiet", "--ibims-scaled-planes"]
+    assert main(args) == 0
+    res = json.loads(out.read_text())
+    assert res["protocol"] == {"dbe_input": "official", "scaled_planes": True}
+    dist = res["distance"]
+    assert dist["bin_edges"] == list(range(21))
+    filled = [i for i, n in enumerate(dist["n_images"]) if n]
+    assert filled and all(dist["rel"][i] == pytest.approx(0.25, abs=1e-6) for i in filled)
+    assert all(dist["rel"][i] is None for i in range(20) if i not in filled)  # NaN -> null
+    assert len(res["per_image"][0]["distance"]["rms"]) == 20
+    printed = capsys.readouterr().out
+    assert "distance-related errors" in printed and "masked prediction" not in printed
+    row = next(ln for ln in printed.splitlines() if ln.strip().startswith(f"{filled[0]}-"))
+    assert "0.250" in row
+    official = res["per_image"]
+
+    # The masked variant: recorded, noted under the table, and each image's DBE equals the
+    # metric function's with dbe_input="masked"; the other metrics do not move.
+    assert main([*args, "--ibims-dbe-input", "masked"]) == 0
+    res = json.loads(out.read_text())
+    assert res["protocol"]["dbe_input"] == "masked"
+    assert "masked prediction" in capsys.readouterr().out
+    changed = 0
+    for s, row, off in zip(items, res["per_image"], official, strict=True):
+        pred = np.load(preds / f"{s['name']}.npy")
+        want = ibims_image_metrics(s, pred, min_plane_fraction_of_image=True, dbe_input="masked")
+        assert row["dbe_acc"] == pytest.approx(want["dbe_acc"], abs=1e-12)
+        assert row["dbe_com"] == pytest.approx(want["dbe_com"], abs=1e-12)
+        assert row["rel"] == off["rel"] and row["distance"] == off["distance"]
+        changed += row["dbe_com"] != off["dbe_com"]
+    assert changed > 0
+    # The option belongs to the IBims protocol only.
+    nyu = ["evaluate", "--dataset", "nyu", "--data", str(world / "nyu"), "--quiet"]
+    assert main([*nyu, "--predictions", str(preds), "--ibims-dbe-input", "masked"]) == 2
+    assert "--ibims-dbe-input applies to --dataset ibims" in capsys.readouterr().err
+
+
 def test_missing_prediction_names_the_file(world: Path, tmp_path: Path, capsys):
     (tmp_path / "empty").mkdir()
     code = main(

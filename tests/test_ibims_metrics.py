@@ -11,10 +11,12 @@ import pytest
 from mesadepth.data.ibims import IBimsDataset, calib_from_K, write_ibims_mat, write_imagelist
 from mesadepth.errors import ConfigError
 from mesadepth.evaluation.ibims import (
+    DISTANCE_BIN_EDGES,
     PLANE_MIN_PIXELS,
     IbimsAverager,
     depth_boundary_errors,
     directed_depth_errors,
+    distance_related_errors,
     global_errors,
     ibims_image_metrics,
     ibims_valid_mask,
@@ -230,6 +232,133 @@ def test_dbe_zeros_are_holes_and_the_prediction_is_not_masked() -> None:
         sample["depth"], pred, sample["mask_invalid"], sample["mask_transp"]
     )
     assert depth_boundary_errors(column_edges(319), masked) != (res["dbe_acc"], res["dbe_com"])
+
+
+def test_masked_dbe_input_hides_edges_near_invalid_pixels() -> None:
+    # Spec 5.12: BS-Net / DANet pass P0 x V to the DBE. Step of spec case 5, GT edge on column
+    # 319, GT invalid on rows 100..299 x columns 310..329 (over the edge).
+    pred = step_prediction()
+    sample = make_sample(np.full((H, W), 3.0), edges=column_edges(319))
+    sample["mask_invalid"][100:300, 310:330] = 0
+    official = ibims_image_metrics(sample, pred)
+    masked = ibims_image_metrics(sample, pred, dbe_input="masked")
+    # Official: the mask is not seen, so the values are spec case 5's exactly.
+    assert official["dbe_acc"] == pytest.approx(4 / 478, abs=1e-12)
+    assert official["dbe_com"] == pytest.approx((4 + 4 + 2 * math.sqrt(2)) / 958, abs=1e-12)
+    # Masked: the zeros are NaN holes that suppress edges 8 rows around them (spec 5.8), so
+    # rows 92..307 lose their edge. Left: rows 1..91 and 308..478 (91 + 171 = 262 pixels),
+    # rows 1, 2, 477, 478 on column 320 (1 px from the GT), the rest on 319.
+    assert masked["dbe_acc"] == pytest.approx(4 / 262, abs=1e-12)
+    # GT -> predicted: rows 1, 2, 477, 478 at 1 px, rows 0 and 479 at sqrt 2, rows 92..307 at
+    # min(r - 91, 308 - r, 10): 1..10 twice (55 + 55) and 10 on the 196 rows between.
+    gt_to_pred = 4 + 2 * math.sqrt(2) + 55 + 55 + 196 * 10
+    assert masked["dbe_com"] == pytest.approx((4 + gt_to_pred) / (262 + 480), abs=1e-12)
+    # Only the DBE depends on the option.
+    for k in ("rel", "rms", "thr1", "dde_0"):
+        assert masked[k] == official[k]
+    # An invalid band over the whole edge: the masked prediction has no edge at all (10, 10),
+    # the official one still scores spec case 5.
+    band = make_sample(np.full((H, W), 3.0), edges=column_edges(319))
+    band["mask_transp"][:, 300:340] = 0
+    res = ibims_image_metrics(band, pred, dbe_input="masked")
+    assert (res["dbe_acc"], res["dbe_com"]) == (10.0, 10.0)
+    assert ibims_image_metrics(band, pred)["dbe_acc"] == pytest.approx(4 / 478, abs=1e-12)
+
+
+def test_masked_dbe_input_equals_official_when_every_gt_pixel_is_valid() -> None:
+    # V = [P0 != 0] when the masks and the GT are all valid, and P0 x V = P0 then: the two
+    # variants must agree exactly, holes of the prediction included.
+    rng = np.random.default_rng(1)
+    gt = np.full((H, W), 2.0)
+    gt[:, 200:] = 5.0
+    gt[300:, 450:] = 3.0
+    edges = np.zeros((H, W), np.uint8)
+    edges[:, 199] = edges[299, 450:] = 1
+    pred = gt * rng.uniform(0.9, 1.1, (H, W)).round(1)
+    pred[50:60, 100:110] = np.nan
+    pred[400:405, 500:520] = 0.0
+    sample = make_sample(gt, edges=edges)
+    official = ibims_image_metrics(sample, pred)
+    masked = ibims_image_metrics(sample, pred, dbe_input="masked")
+    assert 0 < official["dbe_acc"] < 10
+    assert (masked["dbe_acc"], masked["dbe_com"]) == (official["dbe_acc"], official["dbe_com"])
+    with pytest.raises(ConfigError, match="dbe_input"):
+        ibims_image_metrics(sample, pred, dbe_input="bsnet")
+
+
+# ---------------------------------------------------------------- distance-related errors
+
+
+def test_distance_related_errors_per_bin_hand_computed() -> None:
+    # Spec 5.10: bins [k-1, k] metres, k = 1..20, closed on both sides.
+    g = np.array([[0.5, 1.5, 2.0, 3.0, 5.5, 7.0, 25.0, 19.5]])
+    p = np.array([[0.6, 1.2, 2.0, 3.3, 50.0, 0.0, 20.0, 19.5]])
+    # Pixel 4 is outside V (e.g. transparent), pixel 5 has no prediction, pixel 6 is beyond 20 m.
+    valid = np.array([[True, True, True, True, False, False, True, True]])
+    d = distance_related_errors(g, p, valid)
+    assert set(d) == {"rel", "log10", "rms"} and all(len(v) == 20 for v in d.values())
+    # Bin 1 (0-1 m): g 0.5, p 0.6.
+    assert d["rel"][0] == pytest.approx(0.2, abs=1e-12)
+    assert d["rms"][0] == pytest.approx(0.1, abs=1e-12)
+    assert d["log10"][0] == pytest.approx(math.log10(1.2), abs=1e-12)
+    # Bin 2 (1-2 m): g 1.5 (p 1.2) and g 2.0 (p 2.0, the edge value also counts in bin 3).
+    assert d["rel"][1] == pytest.approx(0.1, abs=1e-12)
+    assert d["rms"][1] == pytest.approx(math.sqrt(0.09 / 2), abs=1e-12)
+    assert d["log10"][1] == pytest.approx(math.log10(1.25) / 2, abs=1e-12)
+    # Bin 3 (2-3 m): g 2.0 exact and g 3.0 (p 3.3), which again also counts in bin 4.
+    assert d["rel"][2] == pytest.approx(0.05, abs=1e-12)
+    assert d["rms"][2] == pytest.approx(math.sqrt(0.09 / 2), abs=1e-12)
+    assert d["log10"][2] == pytest.approx(math.log10(1.1) / 2, abs=1e-12)
+    # Bin 4 (3-4 m): g 3.0 alone.
+    assert d["rel"][3] == pytest.approx(0.1, abs=1e-12)
+    assert d["rms"][3] == pytest.approx(0.3, abs=1e-12)
+    # Bin 20 (19-20 m): exact. Bins 5..19 are empty (the 5.5 m and 7 m pixels are not valid,
+    # the 25 m one is in no bin): NaN.
+    assert (d["rel"][19], d["rms"][19], d["log10"][19]) == (0.0, 0.0, 0.0)
+    for k in ("rel", "log10", "rms"):
+        assert all(math.isnan(v) for v in d[k][4:19])
+    # Other edges may be given; non-increasing ones are refused.
+    coarse = distance_related_errors(g, p, valid, bin_edges=(0.0, 2.0, 30.0))
+    assert coarse["rel"][0] == pytest.approx((0.2 + 0.2 + 0.0) / 3, abs=1e-12)
+    assert coarse["rel"][1] == pytest.approx((0.0 + 0.1 + 0.2 + 0.0) / 4, abs=1e-12)
+    with pytest.raises(ConfigError, match="bin_edges"):
+        distance_related_errors(g, p, valid, bin_edges=(0.0, 2.0, 2.0))
+
+
+def test_distance_errors_in_image_metrics_and_their_means_over_images() -> None:
+    # A constructed prediction with a known error per bin: GT rows at 0.5, 1.5, ..., the
+    # prediction off by +10 % on the 0.5 m rows and -20 % on the 2.5 m rows, exact elsewhere.
+    gt = np.repeat(np.array([0.5, 1.5, 2.5, 3.5]), 12)[:, None] * np.ones((1, 16))
+    pred = gt.copy()
+    pred[gt == 0.5] *= 1.1
+    pred[gt == 2.5] *= 0.8
+    a = ibims_image_metrics(make_sample(gt), pred)["distance"]
+    assert a["bin_edges"] == list(DISTANCE_BIN_EDGES)
+    assert a["rel"][:4] == pytest.approx([0.1, 0.0, 0.2, 0.0], abs=1e-12)
+    assert a["rms"][:4] == pytest.approx([0.05, 0.0, 0.5, 0.0], abs=1e-12)
+    assert a["log10"][:4] == pytest.approx([math.log10(1.1), 0.0, -math.log10(0.8), 0.0], abs=1e-12)
+    # A second image only in bins 1 and 3, with another error there.
+    gt_b = np.where(np.arange(48)[:, None] < 24, 0.5, 2.5) * np.ones((1, 16))
+    b = ibims_image_metrics(make_sample(gt_b), gt_b * 1.3)["distance"]
+    agg = IbimsAverager()
+    agg.add(ibims_image_metrics(make_sample(gt), pred), "a")
+    agg.add(ibims_image_metrics(make_sample(gt_b), gt_b * 1.3), "b")
+    d = agg.to_dict()["distance"]
+    assert d["n_images"][:5] == [2, 1, 2, 1, 0] and sum(d["n_images"]) == 6
+    # Per bin, the NaN-mean over the images with pixels there.
+    assert d["rel"][0] == pytest.approx((0.1 + 0.3) / 2, abs=1e-12)
+    assert d["rel"][1] == 0.0
+    assert d["rel"][2] == pytest.approx((0.2 + 0.3) / 2, abs=1e-12)
+    assert d["rms"][2] == pytest.approx((0.5 + 0.75) / 2, abs=1e-12)
+    assert b["rms"][0] == pytest.approx(0.15, abs=1e-12)
+    assert all(math.isnan(v) for v in d["rel"][4:])
+    per_image = agg.to_dict()["per_image"]
+    assert per_image[1]["distance"]["rel"][0] == pytest.approx(0.3, abs=1e-12)
+    # Images scored with other bins cannot be averaged with these.
+    other = ibims_image_metrics(make_sample(gt_b), gt_b)
+    other["distance"]["bin_edges"] = [0.0, 5.0]
+    with pytest.raises(ConfigError, match="distance bins"):
+        agg.add(other, "c")
 
 
 # ---------------------------------------------------------------- planarity errors

@@ -6,14 +6,17 @@ import math
 
 import pytest
 import timm
+import timm.optim
 import torch
 from torch import nn
 
 from mesadepth.errors import ConfigError
+from mesadepth.models.backbone import SwinV2Encoder, build_encoder
 from mesadepth.optim import (
     WarmupSchedule,
     build_scheduler,
     is_no_decay,
+    param_groups_layer_decay,
     param_groups_no_decay,
     scaled_lr,
 )
@@ -106,6 +109,66 @@ def test_intended_groups_move_cpb_and_logit_scale(wrapper: _Wrapper) -> None:
     assert all(("logit_scale" in n) or ("cpb_mlp" in n) for n in moved)
     # The intended rule covers timm's own no_weight_decay() list.
     assert {f"encoder.{n}" for n in wrapper.encoder.no_weight_decay()} <= no_decay
+
+
+@pytest.fixture(scope="module")
+def encoder() -> SwinV2Encoder:
+    torch.manual_seed(0)
+    return build_encoder("tiny-cpu")
+
+
+def _no_decay_names(groups: list[dict]) -> set[str]:
+    return {n for g in groups if g["weight_decay"] == 0.0 for n in g["names"]}
+
+
+def test_encoder_no_weight_decay_is_the_optimizers_no_decay_set(encoder: SwinV2Encoder) -> None:
+    # Pre-training groups (spec 1.6): the default of both is the reference rule.
+    ref = encoder.no_weight_decay()
+    assert ref == _no_decay_names(param_groups_no_decay(encoder, 0.05))
+    assert encoder.no_weight_decay("intended") == _no_decay_names(
+        param_groups_no_decay(encoder, 0.05, rule="intended")
+    )
+    # Fine-tuning groups (spec 2.5) with layer-wise decay, on the bare encoder.
+    ft = param_groups_layer_decay(encoder, 0.05, 0.85, encoder.config["depths"], encoder_prefix="")
+    assert encoder.no_weight_decay("finetune") == _no_decay_names(ft)
+    # The spec's reference rule, by hand: 1-D tensors, .bias names and mask_token; logit_scale
+    # (heads, 1, 1) and the cpb_mlp weight matrices are decayed.
+    params = dict(encoder.named_parameters())
+    by_hand = {n for n, p in params.items() if p.ndim == 1 or n.endswith(".bias")}
+    assert ref == by_hand | {"mask_token"}
+    n_blocks = sum(encoder.config["depths"])
+    extra = {
+        n for n in params if n.endswith(("logit_scale", "cpb_mlp.0.weight", "cpb_mlp.2.weight"))
+    }
+    assert len(extra) == 3 * n_blocks and not extra & ref
+    assert encoder.no_weight_decay("intended") == ref | extra
+    assert encoder.no_weight_decay("finetune") == by_hand | extra  # mask_token decays there
+    with pytest.raises(ConfigError, match="rule"):
+        encoder.no_weight_decay("timm")  # type: ignore[arg-type]
+
+
+def test_timm_optimizer_factory_builds_the_reference_groups(encoder: SwinV2Encoder) -> None:
+    # timm reads no_weight_decay() (no argument) and adds its own 1-D / .bias rule.
+    opt = timm.optim.create_optimizer_v2(encoder, "adamw", lr=1e-4, weight_decay=0.05)
+    names = {id(p): n for n, p in encoder.named_parameters()}
+    timm_no_decay = {
+        names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0.0 for p in g["params"]
+    }
+    assert timm_no_decay == _no_decay_names(param_groups_no_decay(encoder, 0.05))
+    for rule in ("intended", "finetune"):
+        groups = timm.optim.param_groups_weight_decay(
+            encoder, 0.05, no_weight_decay_list=encoder.no_weight_decay(rule)
+        )
+        got = {names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+        assert got == encoder.no_weight_decay(rule)
+
+
+def test_swinv2_large_reference_rule_decays_72_more_tensors_than_intended() -> None:
+    # Spec 1.6, verified on the anchor: 72 logit_scale / cpb_mlp tensors decayed in Swin-v2-L.
+    with torch.device("meta"):
+        enc = build_encoder("swinv2_large_window12_192")
+    moved = enc.no_weight_decay("intended") - enc.no_weight_decay()
+    assert len(moved) == 72 and enc.no_weight_decay() <= enc.no_weight_decay("intended")
 
 
 def test_skip_names_match_last_component_at_any_prefix() -> None:

@@ -6,7 +6,9 @@ Datasets:
   = ``rawDepths`` quantised to millimetres as the official export does (spec datasets 2.5,
   3.3); valid ``1e-3 < gt < 10`` inside the Eigen crop; metrics averaged per image.
 - ``ibims``: IBims-1 ``.mat`` files; global, directed, boundary and planarity errors as the
-  official evaluation computes them (spec datasets 5).
+  official evaluation computes them (spec datasets 5), plus the distance-related errors of the
+  later official metric files (5.10); ``ibims_dbe_input="masked"`` gives the boundary errors of
+  the BS-Net / DANet drivers instead (5.12).
 - ``folder``: a user's RGB-D folder, ``<dir>/rgb/<name>.(jpg|png)`` with
   ``<dir>/depth/<name>.png`` (16-bit, millimetres unless ``--depth-scale``), NYU metrics
   without the Eigen crop.
@@ -203,14 +205,28 @@ def evaluate(
     total: int | None = None,
     progress: bool = True,
     ibims_scaled_planes: bool = False,
+    ibims_dbe_input: str = "official",
 ) -> dict[str, Any]:
-    """Run the dataset's protocol over every sample; returns per-image and aggregate metrics."""
+    """Run the dataset's protocol over every sample; returns per-image and aggregate metrics.
+
+    IBims-1 only: ``ibims_scaled_planes`` (plane size threshold relative to the image, see
+    :func:`~mesadepth.evaluation.ibims.planarity_errors`) and ``ibims_dbe_input``
+    (``"official"``: boundary errors on the unmasked prediction; ``"masked"``: on the
+    prediction masked by the valid set, as BS-Net's and DANet's drivers do; see
+    :func:`~mesadepth.evaluation.ibims.ibims_image_metrics`). Both are recorded under
+    ``protocol`` in the result.
+    """
     if dataset in ("nyu", "folder"):
         avg = MetricAverager()
     elif dataset == "ibims":
         avg = ibims_metrics.IbimsAverager()
     else:
         raise ConfigError(f"unknown dataset {dataset!r}; expected nyu, ibims or folder")
+    if ibims_dbe_input not in ibims_metrics.DBE_INPUTS:
+        raise ConfigError(
+            f"ibims_dbe_input must be one of {', '.join(ibims_metrics.DBE_INPUTS)}, "
+            f"got {ibims_dbe_input!r}"
+        )
     for i, s in enumerate(
         tqdm(samples, total=total, desc=f"evaluate {dataset}", disable=not progress)
     ):
@@ -218,7 +234,10 @@ def evaluate(
         if dataset == "ibims":
             avg.add(
                 ibims_metrics.ibims_image_metrics(
-                    s.raw, pred, min_plane_fraction_of_image=ibims_scaled_planes
+                    s.raw,
+                    pred,
+                    min_plane_fraction_of_image=ibims_scaled_planes,
+                    dbe_input=ibims_dbe_input,
                 ),
                 name=s.name,
             )
@@ -226,6 +245,9 @@ def evaluate(
             pred = sanitize_prediction(pred, mode="mim")
             mask = valid_mask(s.depth, crop="eigen" if dataset == "nyu" else None)
             avg.add(depth_metrics(pred, s.depth, mask), name=s.name)
+    if dataset == "ibims":
+        protocol = {"dbe_input": ibims_dbe_input, "scaled_planes": bool(ibims_scaled_planes)}
+        return {"dataset": dataset, "protocol": protocol, **avg.to_dict()}
     return {"dataset": dataset, **avg.to_dict()}
 
 
@@ -246,8 +268,20 @@ def write_results(results: dict[str, Any], path: str | os.PathLike[str]) -> None
     atomic_write_text(path, json.dumps(clean(results), indent=2) + "\n")
 
 
+def _cell(value: Any, width: int = 8) -> str:
+    if value is None or not np.isfinite(value):
+        return f"{'nan':>{width}}"
+    return f"{value:{width}.3f}"
+
+
 def summary_table(results: dict[str, Any]) -> str:
-    """The aggregate metrics in the paper's column order (Table 1 for NYUv2, Table 2 for IBims-1)."""
+    """The aggregate metrics in the paper's column order (Table 1 for NYUv2, Table 2 for IBims-1).
+
+    IBims-1 adds the distance-related errors (spec datasets 5.10): one row per GT-depth bin
+    that holds pixels of at least one image (empty bins are left out), with AbsRel, log10,
+    RMS (m) and the number of images contributing; and a note when the boundary errors were
+    computed on the masked prediction (``dbe_input: masked``).
+    """
     mean = results["mean"]
     if results["dataset"] == "ibims":
         cols = [
@@ -266,12 +300,30 @@ def summary_table(results: dict[str, Any]) -> str:
             )
             if c in mean
         ]
-        head = "  ".join(f"{c:>8}" for c in cols)
-        vals = "  ".join(
-            f"{mean[c]:8.3f}" if mean[c] is not None and np.isfinite(mean[c]) else f"{'nan':>8}"
-            for c in cols
-        )
-        return head + "\n" + vals
+        lines = [
+            "  ".join(f"{c:>8}" for c in cols),
+            "  ".join(_cell(mean[c]) for c in cols),
+        ]
+        if results.get("protocol", {}).get("dbe_input", "official") != "official":
+            lines.append(
+                "dbe_acc/dbe_com: masked prediction (BS-Net/DANet drivers), not the official input"
+            )
+        dist = results.get("distance")
+        if dist is not None and any(dist["n_images"]):
+            edges = dist["bin_edges"]
+            lines += [
+                "",
+                "distance-related errors (GT depth bins, closed [lo, hi] metres; empty bins left out)",
+                f"{'bin (m)':>9}  {'rel':>8}  {'log10':>8}  {'rms':>8}  {'images':>6}",
+            ]
+            for i, n in enumerate(dist["n_images"]):
+                if n:
+                    label = f"{edges[i]:g}-{edges[i + 1]:g}"
+                    lines.append(
+                        f"{label:>9}  {_cell(dist['rel'][i])}  {_cell(dist['log10'][i])}  "
+                        f"{_cell(dist['rms'][i])}  {n:>6}"
+                    )
+        return "\n".join(lines)
     return format_table(mean)
 
 
@@ -452,6 +504,7 @@ def evaluate_model(
     total: int | None = None,
     progress: bool = True,
     ibims_scaled_planes: bool = False,
+    ibims_dbe_input: str = "official",
     save_predictions: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """:func:`evaluate` with predictions from a model, ``batch`` test images per forward call.
@@ -498,4 +551,5 @@ def evaluate_model(
         total=total,
         progress=progress,
         ibims_scaled_planes=ibims_scaled_planes,
+        ibims_dbe_input=ibims_dbe_input,
     )

@@ -2,7 +2,13 @@
 
 Spec: datasets-and-ibims-evaluation.md 5.4 (prediction contract), 5.5 (valid mask), 5.6
 (global errors), 5.7 (directed depth errors), 5.8 (depth boundary errors), 5.9 (planarity
-errors), 5.11 (aggregation), 5.13 (expected behaviour) and pitfalls 1-10 of section 6.
+errors), 5.10 (distance-related errors), 5.11 (aggregation), 5.12 (circulating variants), 5.13
+(expected behaviour) and pitfalls 1-10 of section 6.
+
+Two things go beyond the v0.9 driver, both documented where they live: the distance-related
+errors of the later metric files (:func:`distance_related_errors`, reported beside the others)
+and ``dbe_input="masked"`` (:func:`ibims_image_metrics`), the boundary-error input of the BS-Net
+and DANet drivers; the official unmasked input is the default.
 
 Inputs are the sample dicts of :class:`mesadepth.data.ibims.IBimsDataset` (``depth``, ``edges``,
 ``mask_invalid``, ``mask_transp`` (both 1 = valid), ``mask_wall/table/floor`` label maps,
@@ -32,8 +38,11 @@ __all__ = [
     "CANNY_HIGH",
     "CANNY_LOW",
     "CANNY_SIGMA",
+    "DBE_INPUTS",
     "DBE_THETA",
     "DDE_TAU",
+    "DISTANCE_BIN_EDGES",
+    "DISTANCE_METRICS",
     "IBIMS_IMAGE_METRICS",
     "IBIMS_PLANE_METRICS",
     "OFFICIAL_SHAPE",
@@ -43,6 +52,7 @@ __all__ = [
     "IbimsAverager",
     "depth_boundary_errors",
     "directed_depth_errors",
+    "distance_related_errors",
     "global_errors",
     "ibims_image_metrics",
     "ibims_valid_mask",
@@ -83,6 +93,13 @@ IBIMS_IMAGE_METRICS: tuple[str, ...] = (
 )
 #: Per-plane metrics, pooled over all planes of all images (spec 5.9, 5.11).
 IBIMS_PLANE_METRICS: tuple[str, ...] = ("pe_fla", "pe_ori")
+#: What the depth boundary error reads (spec 5.8, 5.12): ``official`` = P0, the unmasked
+#: prediction (v0.9 driver, 3d-ken-burns); ``masked`` = P0 x V (BS-Net and DANet drivers).
+DBE_INPUTS: tuple[str, ...] = ("official", "masked")
+#: Bin edges (metres) of the distance-related errors (spec 5.10): bins [k-1, k], k = 1..20.
+DISTANCE_BIN_EDGES: tuple[float, ...] = tuple(float(k) for k in range(21))
+#: Metrics of each distance bin, in the official function's order of names (spec 5.10).
+DISTANCE_METRICS: tuple[str, ...] = ("rel", "log10", "rms")
 
 
 def _check_map(name: str, arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -136,21 +153,13 @@ def _selected(gt: np.ndarray, pred: np.ndarray, valid: np.ndarray) -> tuple[np.n
     return gt[valid].astype(np.float64), pred[valid].astype(np.float64)
 
 
-def global_errors(gt: np.ndarray, pred: np.ndarray, valid: np.ndarray) -> dict[str, float]:
-    """Global errors of one image on the valid pixels (spec 5.6).
+_GLOBAL_KEYS = ("rel", "sq_rel", "rms", "log10", "thr1", "thr2", "thr3")
 
-    Args:
-        gt, pred: depth (H, W) in metres; ``valid``: bool (H, W), usually :func:`ibims_valid_mask`.
 
-    Returns:
-        ``rel`` = mean|g - p|/g, ``sq_rel`` = mean (g - p)^2/g, ``rms`` (m), ``log10`` =
-        mean|log10 g - log10 p|, ``thr1..3`` = fraction with max(g/p, p/g) < 1.25^k (strict).
-        All NaN when no pixel is valid.
-    """
-    g, p = _selected(gt, pred, valid)
-    keys = ("rel", "sq_rel", "rms", "log10", "thr1", "thr2", "thr3")
+def _errors_of(g: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    # The global errors of spec 5.6 on paired 1-D value vectors; all NaN when empty.
     if g.size == 0:
-        return dict.fromkeys(keys, math.nan)
+        return dict.fromkeys(_GLOBAL_KEYS, math.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
         # Negative predictions give NaN logs here exactly as in the official code.
         ratio = np.maximum(g / p, p / g)
@@ -164,7 +173,58 @@ def global_errors(gt: np.ndarray, pred: np.ndarray, valid: np.ndarray) -> dict[s
             np.mean(ratio < 1.25**2),
             np.mean(ratio < 1.25**3),
         )
-    return {k: float(v) for k, v in zip(keys, values, strict=True)}
+    return {k: float(v) for k, v in zip(_GLOBAL_KEYS, values, strict=True)}
+
+
+def global_errors(gt: np.ndarray, pred: np.ndarray, valid: np.ndarray) -> dict[str, float]:
+    """Global errors of one image on the valid pixels (spec 5.6).
+
+    Args:
+        gt, pred: depth (H, W) in metres; ``valid``: bool (H, W), usually :func:`ibims_valid_mask`.
+
+    Returns:
+        ``rel`` = mean|g - p|/g, ``sq_rel`` = mean (g - p)^2/g, ``rms`` (m), ``log10`` =
+        mean|log10 g - log10 p|, ``thr1..3`` = fraction with max(g/p, p/g) < 1.25^k (strict).
+        All NaN when no pixel is valid.
+    """
+    return _errors_of(*_selected(gt, pred, valid))
+
+
+def distance_related_errors(
+    gt: np.ndarray,
+    pred: np.ndarray,
+    valid: np.ndarray,
+    bin_edges: tuple[float, ...] | list[float] = DISTANCE_BIN_EDGES,
+) -> dict[str, list[float]]:
+    """Distance-related errors of one image: the global errors per GT depth bin (spec 5.10).
+
+    The official metric file's ``compute_distance_related_errors`` (absent from the v0.9
+    driver's output; the BS-Net and DANet drivers compute it per image and print nothing):
+    for k = 1..20 the valid pixels with k-1 <= g <= k metres, closed on both sides, so a GT
+    value exactly on an edge counts in both bins; pixels beyond 20 m fall in no bin.
+
+    Args:
+        gt, pred: depth (H, W) in metres (pred = P0); ``valid``: bool (H, W), V of spec 5.5.
+        bin_edges: increasing edges in metres, default 0, 1, ..., 20 (the official bins).
+
+    Returns:
+        ``{"rel", "log10", "rms"}``, each a list with one value per bin, defined as in
+        :func:`global_errors`; NaN for an empty bin. (The reference stores them as float32;
+        these are float64, like the other metrics here.)
+    """
+    edges = np.asarray(bin_edges, dtype=np.float64)
+    if edges.ndim != 1 or edges.size < 2 or not np.all(np.diff(edges) > 0):
+        raise ConfigError(
+            f"distance_related_errors: bin_edges must be >= 2 increasing values, got {bin_edges!r}"
+        )
+    g, p = _selected(gt, pred, valid)
+    out: dict[str, list[float]] = {k: [] for k in DISTANCE_METRICS}
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):  # one pass per bin, not per pixel
+        sel = (g >= lo) & (g <= hi)
+        errors = _errors_of(g[sel], p[sel])
+        for k in DISTANCE_METRICS:
+            out[k].append(errors[k])
+    return out
 
 
 def directed_depth_errors(
@@ -217,7 +277,9 @@ def depth_boundary_errors(
 
     Args:
         edges_gt: GT edge map (H, W), nonzero = edge.
-        pred0: the unmasked prediction (H, W) in metres with NaN replaced by 0 (P0).
+        pred0: the unmasked prediction (H, W) in metres with NaN replaced by 0 (P0), as the
+            official evaluation passes it; P0 x V gives the BS-Net / DANet variant
+            (``dbe_input="masked"`` of :func:`ibims_image_metrics`).
         theta: neighbourhood in pixels (official 10).
 
     Returns:
@@ -350,9 +412,12 @@ def _plane_params(sample: Mapping[str, Any], cls: str) -> np.ndarray:
 
 
 def ibims_image_metrics(
-    sample: Mapping[str, Any], pred: np.ndarray, min_plane_fraction_of_image: bool = False
+    sample: Mapping[str, Any],
+    pred: np.ndarray,
+    min_plane_fraction_of_image: bool = False,
+    dbe_input: str = "official",
 ) -> dict[str, Any]:
-    """All IBims-1 metrics of one image (spec 5.5-5.9), without modifying the inputs.
+    """All IBims-1 metrics of one image (spec 5.5-5.10), without modifying the inputs.
 
     Args:
         sample: an :class:`~mesadepth.data.ibims.IBimsDataset` item (see module docstring).
@@ -360,12 +425,25 @@ def ibims_image_metrics(
             NaN = no prediction.
         min_plane_fraction_of_image: see :func:`planarity_errors` (default: the official
             constant 15,360 px).
+        dbe_input: what the depth boundary error's Canny sees (spec 5.8, 5.12).
+            ``"official"`` (default): P0, the whole prediction, only its zeros / NaN are holes
+            (the v0.9 driver; sniklaus/3d-ken-burns runs the official scripts). ``"masked"``:
+            P0 x V, so every invalid, transparent or unmeasured GT pixel becomes a hole that
+            suppresses predicted edges within about 8 px, as the BS-Net and DANet drivers (and
+            papers evaluating with their code) compute it. Nothing else changes; the BS-Net
+            loader's resize to 304 x 228 is a separate difference not reproduced here.
 
     Returns:
-        ``{name: float}`` for :data:`IBIMS_IMAGE_METRICS` plus ``"planes"``: a list with one
-        dict per plane row (``class``, ``label``, ``pixels`` (|Omega_j|), ``pe_fla`` (cm),
-        ``pe_ori`` (degrees)), in the order wall, table, floor. Classes without planes add none.
+        ``{name: float}`` for :data:`IBIMS_IMAGE_METRICS`; ``"distance"``: the distance-related
+        errors of :func:`distance_related_errors` (lists over :data:`DISTANCE_BIN_EDGES` bins)
+        plus ``"bin_edges"``; and ``"planes"``: a list with one dict per plane row (``class``,
+        ``label``, ``pixels`` (|Omega_j|), ``pe_fla`` (cm), ``pe_ori`` (degrees)), in the order
+        wall, table, floor. Classes without planes add none.
     """
+    if dbe_input not in DBE_INPUTS:
+        raise ConfigError(
+            f"IBims metrics: dbe_input must be one of {', '.join(DBE_INPUTS)}, got {dbe_input!r}"
+        )
     depth = np.asarray(sample["depth"])
     if depth.ndim != 2:
         raise ConfigError(f"IBims metrics: depth must be (H, W), got {depth.shape}")
@@ -380,7 +458,13 @@ def ibims_image_metrics(
     out: dict[str, Any] = {}
     out.update(global_errors(gt, p0, valid))
     out.update(directed_depth_errors(gt, p0, valid))
-    out["dbe_acc"], out["dbe_com"] = depth_boundary_errors(sample["edges"], p0)
+    # P0 x V as the BS-Net driver forms it: zeros outside V, which Canny then treats as holes.
+    dbe_pred = p0 if dbe_input == "official" else np.where(valid, p0, 0.0)
+    out["dbe_acc"], out["dbe_com"] = depth_boundary_errors(sample["edges"], dbe_pred)
+    out["distance"] = {
+        "bin_edges": list(DISTANCE_BIN_EDGES),
+        **distance_related_errors(gt, p0, valid),
+    }
     planes: list[dict[str, Any]] = []
     calib = np.asarray(sample["calib"], dtype=np.float64)
     for cls in PLANE_CLASSES:
@@ -418,17 +502,34 @@ class IbimsAverager:
     Per-image metrics: NaN-ignoring mean over images (an image without GT edges has NaN DBE and
     drops out of those two means only). Planarity: the planes of every class of every image are
     pooled and NaN-averaged (planes under the size threshold are NaN and excluded).
+    Distance-related errors (spec 5.10): per bin, the NaN-ignoring mean over the images that
+    have pixels in that bin. The reference drivers compute them per image and print no
+    aggregate; this reducer is the one 5.11 gives every other per-image metric.
     """
 
     def __init__(self) -> None:
         self.names: list[str | None] = []
         self.per_image: list[dict[str, float]] = []
         self.planes: list[dict[str, Any]] = []
+        self.distance: list[dict[str, list[float]] | None] = []
+        self.bin_edges: list[float] | None = None
 
     def add(self, result: Mapping[str, Any], name: str | None = None) -> None:
         """Record one image's result of :func:`ibims_image_metrics`."""
+        dist = result.get("distance")
+        if dist is not None:
+            edges = [float(e) for e in dist.get("bin_edges", DISTANCE_BIN_EDGES)]
+            if self.bin_edges is None:
+                self.bin_edges = edges
+            elif edges != self.bin_edges:
+                raise ConfigError(
+                    f"IbimsAverager: image {name!r} has distance bins {edges}, the earlier "
+                    f"images {self.bin_edges}"
+                )
+            dist = {k: [float(v) for v in dist[k]] for k in DISTANCE_METRICS}
         self.per_image.append({k: float(result[k]) for k in IBIMS_IMAGE_METRICS})
         self.names.append(name)
+        self.distance.append(dist)
         self.planes.extend({"name": name, **plane} for plane in result.get("planes", []))
 
     def __len__(self) -> int:
@@ -441,16 +542,43 @@ class IbimsAverager:
             out[k] = _nanmean([p[k] for p in self.planes])
         return out
 
+    def distance_mean(self) -> dict[str, Any] | None:
+        """Per-bin NaN-means over images of the distance-related errors; None without any.
+
+        Returns ``{"bin_edges": [m], "rel": [...], "log10": [...], "rms": [...],
+        "n_images": [...]}``, one value per bin; ``n_images`` counts the images with a value
+        in the bin (pixels there), an empty bin's mean is NaN.
+        """
+        rows = [d for d in self.distance if d is not None]
+        if not rows or self.bin_edges is None:
+            return None
+        out: dict[str, Any] = {"bin_edges": list(self.bin_edges)}
+        for k in DISTANCE_METRICS:
+            table = np.array([d[k] for d in rows], dtype=np.float64)  # (images, bins)
+            out[k] = [_nanmean(list(col)) for col in table.T]
+        rel = np.array([d["rel"] for d in rows], dtype=np.float64)
+        out["n_images"] = [int(n) for n in (~np.isnan(rel)).sum(axis=0)]
+        return out
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary: means, counts, per-image values and every plane."""
-        return {
+        """JSON-ready summary: means, counts, per-image values, every plane and the
+        distance-related errors (``distance``, when the results hold them)."""
+        per_image = []
+        for n, m, d in zip(self.names, self.per_image, self.distance, strict=True):
+            row: dict[str, Any] = {"name": n, **m}
+            if d is not None:
+                row["distance"] = d
+            per_image.append(row)
+        out: dict[str, Any] = {
             "mean": self.mean(),
             "n_images": len(self.per_image),
             "n_images_with_edges": sum(not math.isnan(m["dbe_acc"]) for m in self.per_image),
             "n_planes": len(self.planes),
             "n_planes_scored": sum(not math.isnan(p["pe_fla"]) for p in self.planes),
-            "per_image": [
-                {"name": n, **m} for n, m in zip(self.names, self.per_image, strict=True)
-            ],
+            "per_image": per_image,
             "planes": list(self.planes),
         }
+        distance = self.distance_mean()
+        if distance is not None:
+            out["distance"] = distance
+        return out

@@ -11,10 +11,11 @@ Official Swin-v2 / SimMIM / depth-repository ``.pth`` files are imported by
 :data:`PAPER_LAYERS`, captured with :func:`tap`.
 
 LayerNorm eps defaults to 1e-6, the value of the depth repository's fine-tuning encoder (spec
-2.1, 3.1 verification note: bit-exact parity with it needs 1e-6). Official Swin-v2 / SimMIM
-pre-training uses timm's 1e-5 (spec pitfall 16); pass ``layer_norm_eps=1e-5`` when exact parity
-with those checkpoints matters. The eps is part of the saved config, so a file always reopens
-with the eps it was trained with.
+2.1, 3.1 verification note: bit-exact parity with it needs 1e-6); the ``*_window30_480``
+presets keep it. Official Swin-v2 / SimMIM pre-training uses timm's 1e-5 (spec pitfall 16), and
+so do the ``*_window12_192`` presets named after that geometry; elsewhere pass
+``layer_norm_eps=1e-5`` when exact parity with those checkpoints matters. The eps is part of
+the saved config, so a file always reopens with the eps it was trained with.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 WindowSpec = int | Sequence[int] | Sequence[int | Sequence[int]]
+NoDecayRule = Literal["reference", "intended", "finetune"]
 
 ENCODER_PREFIX = "encoder."
 _META_FORMAT = "mesadepth.format"
@@ -276,9 +278,36 @@ class SwinV2Encoder(SwinTransformerV2):
         self._config["window_size"] = _jsonable_stages(tuple(tuple(w) for w in applied))
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        """timm's intended no-decay names plus ``mask_token`` (spec 1.6 lists the faithful rule)."""
-        return set(super().no_weight_decay()) | {"mask_token"}
+    def no_weight_decay(self, rule: NoDecayRule = "reference") -> set[str]:
+        """Names of the parameters that get no weight decay under ``rule`` (spec 1.6, 2.5).
+
+        The full set (1-D tensors and ``.bias`` names included), so that this list and the
+        project's optimizer groups agree exactly, and timm's optimizer factory
+        (``create_optimizer_v2``, which reads ``no_weight_decay()`` and adds the 1-D rule) builds
+        the same groups as :mod:`mesadepth.optim`:
+
+        - ``"reference"`` (default): SimMIM / Swin-v2 pre-training as the reference runs it
+          (spec 1.6; :func:`~mesadepth.optim.param_groups_no_decay`'s default): 1-D tensors,
+          ``.bias`` names, ``mask_token`` (and ``absolute_pos_embed`` if present). The Swin-v2
+          ``logit_scale`` and ``cpb_mlp`` weights *are* decayed: the reference's keyword rule
+          never matches.
+        - ``"intended"``: the reference set plus every ``cpb_mlp`` / ``logit_scale`` name, what
+          the Swin-v2 code meant and timm's own ``no_weight_decay()`` lists (``rule="intended"``
+          of :func:`~mesadepth.optim.param_groups_no_decay`).
+        - ``"finetune"``: the depth fine-tuning rule (spec 2.5,
+          :func:`~mesadepth.optim.is_no_decay_finetune`): 1-D tensors, ``.bias`` names and
+          names containing ``relative_position_bias_table``, ``cpb_mlp``, ``rpe_mlp`` or
+          ``logit_scale``; the unused ``mask_token`` is not exempt there.
+        """
+        from mesadepth.optim import is_no_decay, is_no_decay_finetune
+
+        if rule == "finetune":
+            return {n for n, p in self.named_parameters() if is_no_decay_finetune(n, p)}
+        if rule not in ("reference", "intended"):
+            raise ConfigError(
+                f"no_weight_decay: rule must be 'reference', 'intended' or 'finetune', got {rule!r}"
+            )
+        return {n for n, p in self.named_parameters() if is_no_decay(n, p, rule=rule)}
 
     # -- forward passes -------------------------------------------------------------------------
 
@@ -351,20 +380,24 @@ SWINV2_PRESETS: dict[str, dict[str, Any]] = {
         "window_size": 4,
     },
     # SimMIM pre-training geometry (spec 1.9, 1.10): 192 px, window 12 (12, 12, 12, 6 effective),
-    # pretrained windows 0, drop path 0.1 as in the Swin-v2 SimMIM recipe.
+    # pretrained windows 0, drop path 0.1 as in the Swin-v2 SimMIM recipe, LayerNorm eps 1e-5 as
+    # SimMIM / official Swin-v2 (and timm's model of the same name) build it (spec pitfall 16).
     "swinv2_base_window12_192": {
         **_BASE,
         "img_size": 192,
         "window_size": 12,
         "drop_path_rate": 0.1,
+        "layer_norm_eps": 1e-5,
     },
     "swinv2_large_window12_192": {
         **_LARGE,
         "img_size": 192,
         "window_size": 12,
         "drop_path_rate": 0.1,
+        "layer_norm_eps": 1e-5,
     },
-    # NYUv2 fine-tuning geometry (spec 2.1): drop path 0.5 for L, 0.3 for B.
+    # NYUv2 fine-tuning geometry (spec 2.1): drop path 0.5 for L, 0.3 for B; eps 1e-6 (the
+    # constructor default), the depth repository's encoder.
     "swinv2_large_window30_480": {**_LARGE, **_FT480, "drop_path_rate": 0.5},
     "swinv2_base_window30_480": {**_BASE, **_FT480, "drop_path_rate": 0.3},
 }
@@ -385,7 +418,8 @@ def build_encoder(name_or_cfg: str | Mapping[str, Any] | Any, **overrides: Any) 
     A mapping (or dataclass) holds constructor arguments and may name a base preset under
     ``"preset"``; ``overrides`` win over both. E.g. the 480 px fine-tuning encoder from a
     192 px pre-training preset: ``build_encoder("swinv2_large_window12_192", img_size=480,
-    window_size=(30, 30, 30, 15), pretrained_window_sizes=(12, 12, 12, 6), drop_path_rate=0.5)``.
+    window_size=(30, 30, 30, 15), pretrained_window_sizes=(12, 12, 12, 6), drop_path_rate=0.5,
+    layer_norm_eps=1e-6)`` (the preset's eps is SimMIM's 1e-5; the depth repository's is 1e-6).
     Unknown preset or argument names raise :class:`ConfigError` listing close valid names.
     """
     if isinstance(name_or_cfg, str):
