@@ -10,8 +10,9 @@ Teachers are built from spec strings with :func:`mesadepth.teachers.build_teache
 the command builds them (teacher-and-cka.md part A). Two numbers per row:
 
 - model-only: ``teacher.predict`` on in-memory RGB uint8 frames, batch by batch, after one
-  warm-up batch; pre-processing (LeReS: resize to 448x448, ImageNet mean/std) and
-  post-processing (shift, resize back to the frame size) included, file I/O excluded;
+  warm-up batch; pre-processing (LeReS: resize to 448x448 with the default OpenCV backend,
+  the ``resize`` column; ImageNet mean/std) and post-processing (shift, resize back to the
+  frame size) included, file I/O excluded;
 - end-to-end: :func:`mesadepth.teachers.write_pseudo_depth_tree` (what ``mesadepth
   pseudo-depth`` runs) over an SC-Depth video tree, ``overwrite=True``: JPEG decoding, the
   teacher, uint16 encoding and atomic PNG writes of ``<scene>/leres_depth/``.

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,13 +193,18 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
 class LeReSTeacher:
     """LeReS relative depth exactly as the reference computes it (A2), batched.
 
-    Per image: RGB uint8 -> 448 x 448 (OpenCV bilinear, or torch within 1 grey level) -> ImageNet
-    mean/std -> LeReS -> ``raw - min(raw) + 0.01`` with the **per-image** minimum (the reference
-    runs one image at a time; its batch-wide minimum would couple images, pitfall C6;
-    ``per_image_min=False`` reproduces it) -> bilinear resize back to (H, W).
-    The backbone default of the project is ResNeXt-101 (``res101.pth``, A2); ``backbone=None``
-    detects it from the file. ``model`` loads the checkpoint into that network instead of a
-    released architecture (tests, custom encoders).
+    Per image: RGB uint8 -> 448 x 448 -> ImageNet mean/std -> LeReS -> ``raw - min(raw) + 0.01``
+    with the **per-image** minimum (the reference runs one image at a time; its batch-wide
+    minimum would couple images, pitfall C6; ``per_image_min=False`` reproduces it) -> bilinear
+    resize back to (H, W). The backbone default of the project is ResNeXt-101 (``res101.pth``,
+    A2); ``backbone=None`` detects it from the file. ``model`` loads the checkpoint into that
+    network instead of a released architecture (tests, custom encoders).
+
+    ``resize``: ``opencv`` (default) resizes both ways with the reference's own OpenCV calls and
+    reproduces its pseudo-depth (a missing OpenCV is an error that says how to install it);
+    ``torch`` forces the torch bilinear resize, which differs from the reference (a
+    ``UserWarning`` says how, and :attr:`metadata`, hence the pseudo-depth summary and
+    ``teacher.json``, records it); ``auto`` is OpenCV when installed, else torch with a warning.
     """
 
     name = "leres"
@@ -209,11 +215,11 @@ class LeReSTeacher:
         backbone: str | None = None,
         device: str | torch.device | None = "auto",
         input_size: int = 448,
-        resize: str = "auto",
+        resize: str = "opencv",
         per_image_min: bool = True,
         model: LeReS | None = None,
     ) -> None:
-        from mesadepth.models.leres import load_leres, resize_uint8
+        from mesadepth.models.leres import TORCH_RESIZE_NOTE, load_leres, resolve_resize_backend
 
         self.checkpoint = Path(checkpoint)
         self.device = _resolve_device(device)
@@ -221,10 +227,19 @@ class LeReSTeacher:
             raise ConfigError(f"leres input_size must be a multiple of 32, got {input_size}")
         self.input_size = int(input_size)
         self.per_image_min = bool(per_image_min)
+        # Settled once, before the weights load, so that every frame of a run uses the same
+        # backend and a missing OpenCV is reported before any work.
+        self.resize = resolve_resize_backend(resize)
+        #: What this teacher does differently from the reference pipeline (A2), or None.
+        self.reference_deviation: str | None = None
+        if self.resize == "torch":
+            self.reference_deviation = f"resize=torch: {TORCH_RESIZE_NOTE}"
+            if resize == "torch":  # the auto fallback has already warned
+                warnings.warn(
+                    f"LeReS teacher: {self.reference_deviation}", UserWarning, stacklevel=2
+                )
         self.model = load_leres(self.checkpoint, backbone, model=model).to(self.device).eval()
         self.backbone = getattr(self.model, "backbone", backbone or "custom")
-        # Settle the resize backend once so that every frame of a run uses the same one.
-        self.resize = resize_uint8(np.zeros((2, 2, 3), np.uint8), 32, resize)[1]
         self.spec = (
             f"leres:{self.backbone}:{self.checkpoint.resolve()},input_size={self.input_size},"
             f"resize={self.resize},per_image_min={str(self.per_image_min).lower()}"
@@ -242,8 +257,10 @@ class LeReSTeacher:
             f"({self.resize}), /255, ImageNet mean/std",
             "conversion": "depth = raw - min(raw) + 0.01 ("
             + ("per image" if self.per_image_min else "batch minimum, as the reference")
-            + "), bilinear resize to the frame size",
+            + f"), bilinear resize to the frame size ({self.resize})",
             "output": "relative depth",
+            "resize": self.resize,
+            "reference_deviation": self.reference_deviation,
         }
 
     @torch.no_grad()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from mesadepth.errors import DataError, MissingFileError
+from mesadepth.errors import ConfigError, DataError, MissingFileError
 from mesadepth.models import leres as L
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -255,3 +255,113 @@ def test_reference_preprocessing_rgb_order_and_normalisation():
     np.testing.assert_array_equal(out[0, :, 0], [0, 64, 191, 255])  # 63.75 / 191.25 rounded
     with pytest.raises(Exception, match="multiple of 32"):
         L.leres_input([img], size=450)
+
+
+# ----------------------------------------------------------------------------- A2 resize (OpenCV)
+
+
+def opencv_linear_uint8(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """OpenCV's ``INTER_LINEAR`` on uint8 (H, W, C), re-derived from its fixed-point rule.
+
+    Source position ``(d + 0.5) * in / out - 0.5`` in float32, split into an integer index and a
+    fraction. Columns outside the image are clamped to the border with fraction 0; rows keep
+    their fraction and only the row indices are clipped. Weights ``1 - f`` and ``f`` are rounded
+    to multiples of 1/2048. The horizontal pass is exact in integers; the vertical pass drops 4,
+    then 16 bits of each weighted row before summing, and rounds the last 2 bits half up.
+    """
+    h, w = img.shape[:2]
+
+    def positions(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+        pos = ((np.arange(n_out) + 0.5) * (1.0 / (n_out / n_in)) - 0.5).astype(np.float32)
+        idx = np.floor(pos).astype(np.int64)
+        return idx, (pos - idx.astype(np.float32)).astype(np.float32)
+
+    def weights(frac: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scale = np.float32(2048)
+        return (
+            np.rint((np.float32(1) - frac) * scale).astype(np.int64),
+            np.rint(frac * scale).astype(np.int64),
+        )
+
+    sx, fx = positions(w, out_w)
+    edge = (sx < 0) | (sx >= w - 1)
+    fx[edge] = 0
+    sx = np.clip(sx, 0, w - 1)
+    a0, a1 = weights(fx)
+    sy, fy = positions(h, out_h)
+    b0, b1 = weights(fy)
+    px = img.astype(np.int64)
+    rows = px[:, sx] * a0[None, :, None] + px[:, np.minimum(sx + 1, w - 1)] * a1[None, :, None]
+    top, bottom = rows[np.clip(sy, 0, h - 1)], rows[np.clip(sy + 1, 0, h - 1)]
+    acc = ((b0[:, None, None] * (top >> 4)) >> 16) + ((b1[:, None, None] * (bottom >> 4)) >> 16)
+    return ((acc + 2) >> 2).astype(np.uint8)
+
+
+def test_opencv_resize_pinned_to_hand_derived_values():
+    """A2 step 3 with OpenCV: a 1 x 2 row [77, 166] -> 3 x 3, derived by hand.
+
+    Columns (2 -> 3): positions -1/6, 1/2, 7/6 -> the border pixels, and (77 + 166) * 1024 =
+    248832 in units of 1/2048 in the middle. Rows (1 -> 3): positions -1/3, 0, 1/3; the rows keep
+    their fractions, so the weights are (683, 1365), (0, 2048) or (2048, 0), (1365, 683), all on
+    the same source row. Middle column, 248832 >> 4 = 15552: row 0 gives
+    (683 * 15552 >> 16) + (1365 * 15552 >> 16) = 162 + 323 = 485 -> (485 + 2) >> 2 = 121;
+    row 1 gives 2048 * 15552 >> 16 = 486 -> 122; row 2 is row 0 mirrored -> 121. The exact value
+    is 121.5, which torch rounds half to even: 122 on every row.
+    """
+    row = np.zeros((1, 2, 3), np.uint8)
+    row[0, 0], row[0, 1] = 77, 166
+    out, used = L.resize_uint8(row, 3, "opencv")
+    assert used == "opencv" and out.dtype == np.uint8 and out.shape == (3, 3, 3)
+    expected = [[77, 121, 166], [77, 122, 166], [77, 121, 166]]
+    for c in range(3):
+        np.testing.assert_array_equal(out[:, :, c], expected)
+        np.testing.assert_array_equal(opencv_linear_uint8(row, 3, 3)[:, :, c], expected)
+    torch_out, used = L.resize_uint8(row, 3, "torch")
+    assert used == "torch"
+    np.testing.assert_array_equal(torch_out[:, :, 0], [[77, 122, 166]] * 3)
+
+
+@pytest.mark.parametrize(("h", "w", "size"), [(7, 5, 4), (13, 17, 32), (48, 64, 32), (30, 20, 64)])
+def test_opencv_resize_is_opencvs_fixed_point_bilinear(h, w, size):
+    """The default resize equals the re-derived OpenCV rule bit for bit (up- and downscaling,
+    rows wider than one SIMD register); torch is within 1 grey level of it, not equal."""
+    img = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    out, used = L.resize_uint8(img, size)
+    assert used == "opencv"
+    np.testing.assert_array_equal(out, opencv_linear_uint8(img, size, size))
+    # A read-only, channel-reversed view (a BGR frame as read) goes through as well.
+    bgr = img[..., ::-1]
+    bgr.flags.writeable = False
+    np.testing.assert_array_equal(L.resize_uint8(bgr, size)[0], out[..., ::-1])
+    diff = np.abs(L.resize_uint8(img, size, "torch")[0].astype(int) - out)
+    assert diff.max() <= 1 and (diff > 0).any()
+    if size % 32 == 0:  # leres_input normalises exactly this image (A2 step 4)
+        x, used = L.leres_input([img], size=size)
+        mean = np.array(L.IMAGENET_MEAN, np.float32)[:, None, None]
+        std = np.array(L.IMAGENET_STD, np.float32)[:, None, None]
+        ref = (out.transpose(2, 0, 1).astype(np.float32) / np.float32(255) - mean) / std
+        assert used == "opencv"
+        np.testing.assert_allclose(x[0].numpy(), ref, rtol=0, atol=1e-6)
+
+
+def test_float_resize_back_uses_opencv_bilinear():
+    """A2 step 7: (h, w) float32 -> frame size with OpenCV's float bilinear (half-pixel)."""
+    d = np.array([[0.0, 1.0], [2.0, 3.0]], np.float32)
+    out = L.resize_float(d, 2, 4)
+    assert out.dtype == np.float32 and out.shape == (2, 4)
+    np.testing.assert_allclose(out, [[0, 0.25, 0.75, 1], [2, 2.25, 2.75, 3]], rtol=0, atol=1e-7)
+    np.testing.assert_allclose(L.resize_float(d, 2, 4, "torch"), out, rtol=0, atol=1e-6)
+
+
+def test_resize_backend_choice_and_missing_opencv(monkeypatch):
+    """opencv is required by default; auto falls back to torch only with a warning."""
+    with pytest.raises(ConfigError, match="opencv, torch, auto"):
+        L.resolve_resize_backend("pil")
+    assert L.resolve_resize_backend("torch") == "torch"
+    monkeypatch.setattr(L, "_cv2", lambda: None)
+    with pytest.raises(ConfigError, match="OpenCV is not installed.*opencv-python-headless"):
+        L.resolve_resize_backend("opencv")
+    with pytest.raises(ConfigError, match="OpenCV is not installed"):
+        L.resize_uint8(np.zeros((2, 2, 3), np.uint8), 32)
+    with pytest.warns(UserWarning, match="resize=auto: OpenCV is not installed.*torch"):
+        assert L.resolve_resize_backend("auto") == "torch"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -111,7 +112,7 @@ def test_leres_teacher_batches_like_single_images(tmp_path):
     torch.save(
         {"depth_model": {"module." + k: v for k, v in tiny_leres().state_dict().items()}}, path
     )
-    teacher = T.LeReSTeacher(path, device="cpu", input_size=64, resize="torch", model=tiny_leres(7))
+    teacher = T.LeReSTeacher(path, device="cpu", input_size=64, model=tiny_leres(7))
     images = [_image(48, 64, 0), _image(48, 64, 1), _image(30, 20, 2)]
     batch = teacher.predict(images)
     single = [teacher.predict([im])[0] for im in images]
@@ -122,11 +123,79 @@ def test_leres_teacher_batches_like_single_images(tmp_path):
         np.testing.assert_allclose(b, s, rtol=0, atol=1e-4 * float(s.max()))
     # The reference's whole-batch minimum would make batched results depend on the batch.
     ref_rule = T.LeReSTeacher(
-        path, device="cpu", input_size=64, resize="torch", per_image_min=False, model=tiny_leres(7)
+        path, device="cpu", input_size=64, per_image_min=False, model=tiny_leres(7)
     )
     coupled = ref_rule.predict(images)
     assert max(float(np.abs(c - s).max()) for c, s in zip(coupled, single, strict=True)) > 1e-4
     assert "per_image_min=true" in teacher.spec and teacher.metadata["input_size"] == [64, 64]
+
+
+@pytest.fixture(scope="module")
+def tiny_leres_file(tmp_path_factory):
+    """A tiny LeReS saved in the released layout, and the network to load it into."""
+    from test_leres import tiny_leres
+
+    path = tmp_path_factory.mktemp("leres") / "tiny.pth"
+    net = tiny_leres()
+    torch.save({"depth_model": net.state_dict()}, path)
+    return path, net
+
+
+def test_leres_teacher_default_is_the_reference_pipeline(tiny_leres_file):
+    """Default teacher = the reference's own calls (A2): cv2.resize of the RGB frame to the
+    input size, /255, mean/std, LeReS, raw - min + 0.01, cv2.resize back; no warning."""
+    import warnings
+
+    import cv2
+
+    from mesadepth.models.leres import IMAGENET_MEAN, IMAGENET_STD
+
+    path, net = tiny_leres_file
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        teacher = T.LeReSTeacher(path, device="cpu", input_size=64, model=net)
+    assert teacher.resize == "opencv" and "resize=opencv" in teacher.spec
+    assert teacher.metadata["resize"] == "opencv"
+    assert teacher.metadata["reference_deviation"] is None
+    for img in (_image(48, 64, 3), _image(37, 50, 4)):
+        rgb = cv2.resize(img, (64, 64))
+        x = torch.from_numpy(rgb.transpose(2, 0, 1).astype(np.float32) / 255)
+        x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[
+            :, None, None
+        ]
+        with torch.no_grad():
+            raw = net(x[None])
+        pred = (raw - raw.min() + 0.01).numpy()[0, 0]
+        ref = cv2.resize(pred, (img.shape[1], img.shape[0]))
+        got = teacher.predict([img])[0]
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * float(ref.max()))
+        # Within thread-level noise (A2: uint16 within 2); the torch resize moves far more.
+        codes = T.encode_pseudo_depth(got).astype(int) - T.encode_pseudo_depth(ref)
+        assert np.abs(codes).max() <= 2
+
+
+def test_leres_forced_torch_resize_warns_and_is_recorded(tiny_leres_file, tmp_path):
+    """resize=torch: a warning says what changes; the summary and teacher.json record it."""
+    from mesadepth.data.video import write_video_scene
+
+    path, net = tiny_leres_file
+    with pytest.warns(UserWarning, match="resize=torch: .*OpenCV.*pseudo-depth"):
+        teacher = T.LeReSTeacher(path, device="cpu", input_size=64, resize="torch", model=net)
+    assert teacher.resize == "torch" and "resize=torch" in teacher.spec
+    note = teacher.metadata["reference_deviation"]
+    assert note.startswith("resize=torch") and "resize=opencv" in note
+    frames = np.stack([_image(48, 64, i) for i in range(3)])
+    write_video_scene(tmp_path / "video" / "training" / "s0", frames, np.eye(3))
+    summary = T.write_pseudo_depth_tree(teacher, tmp_path / "video", progress=False)
+    assert summary["teacher"]["resize"] == "torch"
+    assert summary["teacher"]["reference_deviation"] == note
+    record = json.loads((tmp_path / "video/training/s0/leres_depth/teacher.json").read_text())
+    assert record["teacher"]["reference_deviation"] == note
+    # What it changes: the same frames through the reference resize give other pseudo-depth.
+    reference = T.LeReSTeacher(path, device="cpu", input_size=64, model=net)
+    torch_codes = [T.encode_pseudo_depth(d) for d in teacher.predict(list(frames))]
+    ref_codes = [T.encode_pseudo_depth(d) for d in reference.predict(list(frames))]
+    assert any(not np.array_equal(a, b) for a, b in zip(torch_codes, ref_codes, strict=True))
 
 
 # ----------------------------------------------------------------------------- hf teacher

@@ -29,7 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Teacher specs (KIND:TARGET, then optional ,key=value items):\n"
             "  leres:resnext101:weights/res101.pth   LeReS (the reference teacher), ResNeXt-101\n"
             "  leres:resnet50:weights/res50.pth      LeReS ResNet-50; leres:PATH detects it\n"
-            "      options: input_size=448, resize=auto|opencv|torch, per_image_min=true\n"
+            "      options: input_size=448, resize=opencv|torch|auto, per_image_min=true\n"
+            "      resize=opencv (default) reproduces the reference pseudo-depth; resize=torch\n"
+            "      approximates it (recorded in teacher.json), auto = OpenCV if installed\n"
             "      The weights are not on a model hub: get res101.pth / res50.pth through the\n"
             "      links in the AdelaiDepth LeReS README and pass the local path.\n"
             "  hf:models/depth-anything-v2-small     a transformers depth model saved locally\n"
@@ -95,6 +97,8 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print(f"pseudo-depth: teacher {teacher.spec}")
+    if result["teacher"].get("reference_deviation"):
+        print(f"  differs from the reference: {result['teacher']['reference_deviation']}")
     for s in result["scenes"]:
         rng = (
             f"depth {s['depth_min']:.4g} .. {s['depth_max']:.4g}" if s["written"] else "nothing new"

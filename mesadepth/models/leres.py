@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,11 +38,15 @@ __all__ = [
     "INPUT_SIZE",
     "LeReS",
     "LeReSDecoder",
+    "RESIZE_BACKENDS",
     "SHIFT_EPSILON",
+    "TORCH_RESIZE_NOTE",
     "build_leres",
     "leres_input",
     "load_leres",
+    "resize_float",
     "resize_uint8",
+    "resolve_resize_backend",
     "shift_depth",
 ]
 
@@ -386,6 +391,25 @@ def load_leres(
 # ----------------------------------------------------------------------------- pre-processing
 
 
+#: ``resize`` values of the LeReS pre-processing: ``opencv`` (the reference, default), ``torch``
+#: (an approximation) and ``auto`` (OpenCV when installed, else torch with a warning).
+RESIZE_BACKENDS = ("opencv", "torch", "auto")
+#: What the torch resize changes against the reference (A2 steps 3 and 7), for warnings and records.
+TORCH_RESIZE_NOTE = (
+    "the torch bilinear resize replaces the reference's OpenCV resize (A2 steps 3 and 7): the "
+    f"{INPUT_SIZE}x{INPUT_SIZE} uint8 input differs from OpenCV's by 1 grey level on ~12 % of "
+    "pixels (OpenCV rounds its fixed-point weights), and LeReS amplifies that: the uint16 "
+    "pseudo-depth no longer matches the reference pipeline's (most pixels move, by up to a few "
+    "hundred units); resize=opencv (the default) reproduces it"
+)
+_NO_OPENCV = (
+    "OpenCV is not installed, but the LeReS teacher resizes with it by default (it is the "
+    "reference pipeline's resize, A2): install the dependency with pip install "
+    "opencv-python-headless (the version pinned in requirements.lock), or accept an "
+    "approximate pseudo-depth with resize=torch"
+)
+
+
 def _cv2() -> Any:
     try:
         import cv2  # type: ignore[import-not-found]
@@ -394,46 +418,69 @@ def _cv2() -> Any:
     return cv2
 
 
-def resize_uint8(image: np.ndarray, size: int, backend: str = "auto") -> tuple[np.ndarray, str]:
+def resolve_resize_backend(backend: str = "opencv") -> str:
+    """``opencv`` / ``torch`` / ``auto`` -> the backend to use, ``"opencv"`` or ``"torch"``.
+
+    ``opencv`` without OpenCV installed raises :class:`ConfigError` saying how to install it;
+    ``auto`` then falls back to torch with a ``UserWarning`` (never silently).
+    """
+    if backend not in RESIZE_BACKENDS:
+        raise ConfigError(
+            f"resize backend must be one of {', '.join(RESIZE_BACKENDS)}, got {backend!r}"
+        )
+    if backend == "torch":
+        return "torch"
+    if _cv2() is not None:
+        return "opencv"
+    if backend == "opencv":
+        raise ConfigError(_NO_OPENCV)
+    warnings.warn(
+        f"resize=auto: {_NO_OPENCV}. Falling back to torch: {TORCH_RESIZE_NOTE}",
+        UserWarning,
+        stacklevel=2,
+    )
+    return "torch"
+
+
+def resize_uint8(image: np.ndarray, size: int, backend: str = "opencv") -> tuple[np.ndarray, str]:
     """(H, W, 3) uint8 -> (size, size, 3) uint8, bilinear with half-pixel centres (A2 step 3).
 
-    ``backend``: ``"opencv"`` (the reference, bit-faithful; needs ``opencv-python-headless``),
-    ``"torch"`` (bilinear, align_corners=False, no antialias, rounded: within 1 grey level of
-    OpenCV on ~12 % of pixels, A2), ``"auto"`` (OpenCV when installed). Returns the image and
-    the backend used.
+    ``backend``: ``"opencv"`` (the reference call ``cv2.resize(rgb, (size, size))``, i.e.
+    ``INTER_LINEAR``: fixed-point weights of 1/2048, rounded; bit-faithful; needs
+    ``opencv-python-headless``), ``"torch"`` (float bilinear, align_corners=False, no antialias,
+    rounded half to even: within 1 grey level of OpenCV on ~12 % of pixels, A2) or ``"auto"``
+    (:func:`resolve_resize_backend`). Returns the image and the backend used.
     """
-    cv2 = _cv2() if backend in ("auto", "opencv") else None
-    if backend == "opencv" and cv2 is None:
-        raise ConfigError(
-            "resize backend 'opencv' needs OpenCV: pip install opencv-python-headless "
-            "(or use resize=torch, within 1 grey level of it)"
-        )
-    if backend not in ("auto", "opencv", "torch"):
-        raise ConfigError(f"resize backend must be auto, opencv or torch, got {backend!r}")
-    if cv2 is not None:
-        return cv2.resize(image, (size, size)), "opencv"
+    used = resolve_resize_backend(backend)
+    if used == "opencv":
+        cv2 = _cv2()
+        img = np.ascontiguousarray(image)  # OpenCV refuses some strided views (e.g. [..., ::-1])
+        return cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR), used
     # A writable copy: frames read from files are read-only, which torch.from_numpy warns about.
     x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None]
     y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
     y = y.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0)
-    return y.numpy(), "torch"
+    return y.numpy(), used
 
 
-def resize_float(depth: np.ndarray, height: int, width: int, backend: str = "auto") -> np.ndarray:
-    """(h, w) float32 -> (height, width), bilinear half-pixel, no antialias (A2 step 7).
+def resize_float(depth: np.ndarray, height: int, width: int, backend: str = "opencv") -> np.ndarray:
+    """(h, w) float32 -> (height, width) float32, bilinear half-pixel, no antialias (A2 step 7).
 
-    OpenCV (the reference) when available and allowed, torch otherwise (<= 5e-5 apart on [0, 1]).
+    ``opencv``: the reference call ``cv2.resize(pred, (width, height))`` (float weights);
+    ``torch``: ``F.interpolate`` (<= 5e-5 apart on [0, 1], A2); ``auto`` as
+    :func:`resolve_resize_backend`.
     """
-    cv2 = _cv2() if backend in ("auto", "opencv") else None
-    if cv2 is not None:
-        return cv2.resize(depth.astype(np.float32), (width, height)).astype(np.float32)
+    if resolve_resize_backend(backend) == "opencv":
+        cv2 = _cv2()
+        d = np.ascontiguousarray(depth, dtype=np.float32)
+        return cv2.resize(d, (width, height), interpolation=cv2.INTER_LINEAR)
     t = torch.from_numpy(np.ascontiguousarray(depth, dtype=np.float32))[None, None]
     y = F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)
     return y[0, 0].numpy()
 
 
 def leres_input(
-    images: Sequence[np.ndarray], size: int = INPUT_SIZE, backend: str = "auto"
+    images: Sequence[np.ndarray], size: int = INPUT_SIZE, backend: str = "opencv"
 ) -> tuple[Tensor, str]:
     """RGB uint8 images (any sizes) -> the normalised batch (B, 3, size, size) float32 (A2 2-4).
 
@@ -442,15 +489,15 @@ def leres_input(
     """
     if size % 32:
         raise ConfigError(f"LeReS input size must be a multiple of 32, got {size}")
-    resized, used = [], "torch"
+    used = resolve_resize_backend(backend)
+    resized = []
     for i, img in enumerate(images):
         img = np.asarray(img)
         if img.ndim != 3 or img.shape[-1] != 3 or img.dtype != np.uint8:
             raise ValueError(
                 f"LeReS input {i}: expected (H, W, 3) uint8 RGB, got {img.dtype} {img.shape}"
             )
-        r, used = resize_uint8(img, size, backend)
-        resized.append(r)
+        resized.append(resize_uint8(img, size, used)[0])
     x = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
