@@ -153,8 +153,13 @@ def official_state(
         state = {ENCODER_PREFIX + k: v for k, v in enc.items()}
         parts.append("mask_token")
         if simmim_decoder:
-            for k, v in decoder.items():
-                state["decoder." + k] = v.contiguous()
+            # safetensors lists keys sorted; the reference module order is weight, then bias.
+            def module_order(key: str) -> tuple[int, int, str]:
+                index, name = key.split(".", 1)
+                return int(index), {"weight": 0, "bias": 1}.get(name, 2), name
+
+            for k in sorted(decoder, key=module_order):
+                state["decoder." + k] = decoder[k].contiguous()
                 written.add("decoder." + k)
             parts.append("simmim decoder")
         else:
