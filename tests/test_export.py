@@ -198,6 +198,14 @@ def test_swinv2_round_trip_is_exact(tmp_path) -> None:
     assert_same(back["model"], official["model"])
     assert rep.container == "model" and rep.left_out == ["encoder.mask_token"]
     assert rep.reference["MODEL.SWINV2.WINDOW_SIZE"] == 4 and rep.tensors == len(official["model"])
+    # Swin-Transformer's supervised loader reads head.bias: a zero head after the final norm.
+    export_official(
+        tmp_path / "model.safetensors", tmp_path / "cls.pth", "swinv2", classifier_head=10
+    )
+    cls = torch.load(tmp_path / "cls.pth", weights_only=True)["model"]
+    assert list(cls)[-3:] == ["norm.bias", "head.weight", "head.bias"]
+    assert cls["head.weight"].shape == (10, 128) and not cls["head.weight"].any()
+    assert_same({k: cls[k] for k in official["model"]}, official["model"])
 
 
 def test_simmim_round_trip_is_exact_and_the_decoder_travels(tmp_path) -> None:
@@ -327,7 +335,7 @@ def test_cli_prints_the_reference_settings_and_refuses_bad_requests(tmp_path, ca
     assert main(["export", str(src), str(out), "--layout", "mim-depth", "--no-buffers"]) == 0
     text = capsys.readouterr().out
     assert "--window_size 4 4 4 2" in text and "--use_shift True True False False" in text
-    assert "pose_net.w" in text and "encoder.mask_token" in text  # what was left out
+    assert "left out: encoder.mask_token, pose_net.* (1)" in text
     sd = torch.load(out, weights_only=True)
     assert not any(re.search("relative_|attn_mask", k) for k in sd)
     # An existing output needs --overwrite; a .pth source is refused; bad suffixes too.

@@ -4,8 +4,9 @@ The inverse of the official imports (spec masked-pretraining-and-finetuning.md 3
 a ``model.safetensors`` of any stage (timm keys under ``encoder.*``; a masked run's SimMIM
 decoder, a fine-tuned run's depth head) becomes a file that the reference code loads:
 
-- ``swinv2``: microsoft/Swin-Transformer ``SwinTransformerV2`` (``num_classes=0``) as
-  ``{'model': state_dict}``, the form its ``load_pretrained`` reads;
+- ``swinv2``: microsoft/Swin-Transformer ``SwinTransformerV2`` (``num_classes=0``, or a zero
+  classifier with ``classifier_head``) as ``{'model': state_dict}``, the form its
+  ``load_pretrained`` functions read;
 - ``simmim``: that repository's SimMIM model, ``{'model': {'encoder.*' (with
   ``encoder.mask_token``), 'decoder.0.weight', 'decoder.0.bias'}}``, as its pre-training saves;
 - ``mim-depth``: MIM-Depth-Estimation's ``GLPDepth`` as a bare state dict (what its
@@ -65,8 +66,13 @@ class ExportReport:
 
     def lines(self) -> list[str]:
         """Human-readable summary (what ``mesadepth export`` prints)."""
-        shown = ", ".join(self.left_out[:6]) + (
-            f", ... ({len(self.left_out)} in all)" if len(self.left_out) > 6 else ""
+        # Other heads by prefix (a depth head has ~30 tensors); encoder keys one by one.
+        groups: dict[str, int] = {}
+        for k in self.left_out:
+            g = k if k.startswith("encoder.") else k.split(".")[0] + ".*"
+            groups[g] = groups.get(g, 0) + 1
+        shown = ", ".join(
+            g if n == 1 and not g.endswith("*") else f"{g} ({n})" for g, n in groups.items()
         )
         out = [
             f"wrote {self.output}: {self.layout} layout, {self.tensors} tensors"
@@ -87,13 +93,19 @@ def _fmt(value: Any) -> str:
 
 
 def official_state(
-    source: str | os.PathLike[str], layout: Layout, buffers: bool = True
+    source: str | os.PathLike[str],
+    layout: Layout,
+    buffers: bool = True,
+    classifier_head: int = 0,
 ) -> tuple[dict[str, Tensor], ExportReport]:
     """The reference state dict of a mesadepth weights file, with a report (``output`` empty).
 
     ``source``: a ``.safetensors`` written by this project (``encoder.*`` + the encoder config in
     its metadata). ``buffers=False`` leaves out the window buffers (the official loaders drop
-    them anyway; MIM-Depth-Estimation's strict ``test.py`` needs them).
+    them anyway; MIM-Depth-Estimation's strict ``test.py`` needs them). ``classifier_head=N``
+    (``swinv2`` only) adds a zero ``head.weight`` (N, C) / ``head.bias`` (N): Swin-Transformer's
+    supervised ``load_pretrained`` reads ``head.bias`` and re-initialises a head of another
+    class count to exactly these zeros, so the file then loads there too.
     """
     from mesadepth.models.backbone import (
         ENCODER_PREFIX,
@@ -146,9 +158,25 @@ def official_state(
     )
     written = {ENCODER_PREFIX + k for k in encoder.state_dict()}
     parts = ["encoder"]
+    if classifier_head < 0 or (classifier_head and layout != "swinv2"):
+        raise ConfigError(
+            f"classifier_head={classifier_head}: a zero classifier of N >= 1 classes, for the "
+            "swinv2 layout only"
+        )
     if layout == "swinv2":
         state = enc
         written.discard(ENCODER_PREFIX + "mask_token")
+        if classifier_head:
+            width = int(encoder.num_features)
+            state["head.weight"] = torch.zeros(classifier_head, width)
+            state["head.bias"] = torch.zeros(classifier_head)
+            parts.append(f"zero classifier ({classifier_head} classes)")
+        else:
+            notes.append(
+                "no classifier: SimMIM fine-tuning (utils_simmim.load_pretrained) reads this; "
+                "Swin-Transformer's supervised MODEL.PRETRAINED loader reads head.bias, so give "
+                "--classifier-head N there"
+            )
     elif layout == "simmim":
         state = {ENCODER_PREFIX + k: v for k, v in enc.items()}
         parts.append("mask_token")
@@ -217,6 +245,7 @@ def export_official(
     container: Container = "auto",
     buffers: bool = True,
     overwrite: bool = False,
+    classifier_head: int = 0,
 ) -> ExportReport:
     """Write ``source`` (a mesadepth ``.safetensors``) as a reference-layout checkpoint.
 
@@ -225,7 +254,8 @@ def export_official(
     dict flat with the layout and the reference settings in its metadata. ``container="auto"``:
     ``{'model': ...}`` for ``swinv2`` / ``simmim`` ``.pth`` files (the Swin-Transformer loaders
     read ``checkpoint['model']``), a bare state dict otherwise (``mim-depth``: its ``test.py``
-    loads one). Written atomically; an existing ``output`` needs ``overwrite``.
+    loads one). ``classifier_head``: see :func:`official_state`. Written atomically; an
+    existing ``output`` needs ``overwrite``.
     """
     from safetensors.torch import save_file
 
@@ -247,7 +277,7 @@ def export_official(
         raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
     if out.resolve() == Path(source).resolve():
         raise ConfigError(f"{out}: the output would overwrite the source")
-    state, report = official_state(source, layout, buffers=buffers)
+    state, report = official_state(source, layout, buffers=buffers, classifier_head=classifier_head)
     if container == "auto":
         container = "model" if layout != "mim-depth" and suffix != ".safetensors" else "flat"
     report.container = container
@@ -309,6 +339,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="leave out relative_coords_table / relative_position_index / attn_mask (the "
         "official loaders recompute them; MIM-Depth's strict test.py needs them)",
     )
+    p.add_argument(
+        "--classifier-head",
+        type=int,
+        default=0,
+        metavar="N",
+        help="swinv2: add a zero N-class head.weight/head.bias (Swin-Transformer's supervised "
+        "MODEL.PRETRAINED loader reads head.bias and zeroes a mismatched head itself)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_run)
 
@@ -321,6 +359,7 @@ def _run(args: argparse.Namespace) -> int:
         container=args.container,
         buffers=not args.no_buffers,
         overwrite=args.overwrite,
+        classifier_head=args.classifier_head,
     )
     print("\n".join(report.lines()))
     return 0
