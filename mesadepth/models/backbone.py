@@ -7,7 +7,8 @@ the encoder travels as one safetensors file whose keys are ``encoder.<timm key>`
 (:func:`save_encoder` / :func:`load_encoder`, shared/DESIGN.md); the file's metadata holds the
 constructor config so a file can be opened without being told its architecture.
 Official Swin-v2 / SimMIM / depth-repository ``.pth`` files are imported by
-:func:`load_official_checkpoint` (spec section 3.3). The nine CKA layers of spec section 3.1 are
+:func:`load_official_checkpoint` (spec section 3.3) and written back by
+:func:`official_encoder_state` (``mesadepth export``). The nine CKA layers of spec section 3.1 are
 :data:`PAPER_LAYERS`, captured with :func:`tap`.
 
 LayerNorm eps defaults to 1e-6, the value of the depth repository's fine-tuning encoder (spec
