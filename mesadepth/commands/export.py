@@ -109,6 +109,7 @@ def official_state(
     """
     from mesadepth.models.backbone import (
         ENCODER_PREFIX,
+        OfficialNaming,
         load_encoder,
         load_tensors,
         official_encoder_state,
@@ -119,6 +120,11 @@ def official_state(
 
     if layout not in LAYOUTS:
         raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if classifier_head < 0 or (classifier_head and layout != "swinv2"):
+        raise ConfigError(
+            f"classifier_head={classifier_head}: a zero classifier of N >= 1 classes, for the "
+            "swinv2 layout only"
+        )
     path = Path(source)
     if not path.is_file():
         raise MissingFileError(
@@ -148,21 +154,11 @@ def official_state(
     decoder = {} if is_depth else load_tensors(path, "decoder.")
     simmim_decoder = bool(decoder) and all(k.split(".")[0].isdigit() for k in decoder)
 
-    naming = "depth_repo" if layout == "mim-depth" else "official"
-    geometry, notes = reference_geometry(encoder, naming)  # type: ignore[arg-type]
-    enc = official_encoder_state(
-        encoder,
-        naming,
-        mask_token=layout == "simmim",
-        buffers=buffers,  # type: ignore[arg-type]
-    )
+    naming: OfficialNaming = "depth_repo" if layout == "mim-depth" else "official"
+    geometry, notes = reference_geometry(encoder, naming)
+    enc = official_encoder_state(encoder, naming, mask_token=layout == "simmim", buffers=buffers)
     written = {ENCODER_PREFIX + k for k in encoder.state_dict()}
     parts = ["encoder"]
-    if classifier_head < 0 or (classifier_head and layout != "swinv2"):
-        raise ConfigError(
-            f"classifier_head={classifier_head}: a zero classifier of N >= 1 classes, for the "
-            "swinv2 layout only"
-        )
     if layout == "swinv2":
         state = enc
         written.discard(ENCODER_PREFIX + "mask_token")
