@@ -643,6 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     __import__("mesadepth.commands.pipeline", fromlist=["register"]).register(sub)
     __import__("mesadepth.commands.pseudo_depth", fromlist=["register"]).register(sub)
     __import__("mesadepth.commands.finetune", fromlist=["register"]).register(sub)
+    __import__("mesadepth.commands.export", fromlist=["register"]).register(sub)
     return parser
 
 

@@ -383,14 +383,25 @@ class HFTeacher:
             else:  # v4 chose the implementation with use_fast
                 proc_kwargs["use_fast"] = backend == "torchvision"
         try:
-            self.model = AutoModelForDepthEstimation.from_pretrained(
-                self.folder, local_files_only=True
+            self.model, loading = AutoModelForDepthEstimation.from_pretrained(
+                self.folder, local_files_only=True, output_loading_info=True
             )
             self.processor = AutoImageProcessor.from_pretrained(self.folder, **proc_kwargs)
         except (OSError, ValueError, KeyError) as err:
             raise DataError(
                 self.folder, f"cannot load a transformers depth model and processor: {err}"
             ) from err
+        # transformers fills weights missing from the file with random values and only warns:
+        # a teacher with random layers would write plausible-looking garbage.
+        gaps = sorted(loading.get("missing_keys") or []) + sorted(
+            str(k[0] if isinstance(k, tuple) else k) for k in loading.get("mismatched_keys") or []
+        )
+        if gaps:
+            raise DataError(
+                self.folder,
+                f"the weights do not cover the model of config.json: {len(gaps)} tensor(s) missing "
+                f"or of another shape, e.g. {', '.join(gaps[:4])}",
+            )
         self.model = self.model.to(self.device).eval()
         inferred = infer_hf_output(self.model.config)
         if output == "auto":

@@ -230,3 +230,60 @@ def test_bad_checkpoints_fail_clearly(tmp_path, released):
     with pytest.raises(DataError, match="without executing pickled code"):
         load_sc_depth_checkpoint(pickled)
     assert not _Payload.ran
+
+
+# -- the video stage's init=<released .ckpt>: the weights asked for, or an error ---------------
+
+
+def _video_module(init, *overrides):
+    from mesadepth.config import load_config
+    from mesadepth.stages.video import VideoPretraining, VideoRecipe
+
+    recipe = load_config(
+        VideoRecipe,
+        None,
+        [f"init={init}", "data.size=[64,64]", "trainer.accelerator=cpu", *overrides],
+    )
+    return VideoPretraining(recipe)
+
+
+def test_video_stage_takes_every_released_network_or_fails_naming_the_keys(released):
+    path, nets, _ = released
+    # The default decoder.coarse_heads=false has no place for the released coarse heads: the run
+    # used to go on with a random DepthNet (recorded only in init_info.ignored).
+    with pytest.raises(
+        DataError,
+        match=r"epoch=101-val_loss=0\.1580\.ckpt: weights do not match this recipe's DepthNet "
+        r".*decoder\.coarse_heads=true.*unexpected key\(s\): decoder\.dispconvs\.1",
+    ):
+        _video_module(path, "version=v2", "encoder.preset=resnet18")
+    # A Swin-v2 DepthNet cannot take the ResNet depth weights at all.
+    with pytest.raises(DataError, match=r"a Swin-v2 DepthNet cannot take it.*missing key"):
+        _video_module(path, "version=v2", "encoder.preset=tiny-cpu", "decoder.coarse_heads=true")
+    # A narrower PoseNet than the release's: an error naming pose.width, not a random PoseNet.
+    with pytest.raises(DataError, match=r"PoseNet .*pose\.width=64.*shape-mismatched"):
+        _video_module(
+            path,
+            "version=v2",
+            "encoder.preset=resnet18",
+            "decoder.coarse_heads=true",
+            "pose.width=8",
+        )
+
+    module = _video_module(
+        path, "version=v2", "encoder.preset=resnet18", "decoder.coarse_heads=true"
+    )
+    info = module.init_info
+    assert info["loaded"] == ["depth_net", "pose_net", "rectify_net"] and info["random"] == []
+    for name in ("depth_net", "pose_net", "rectify_net"):
+        mine = getattr(module, name).state_dict()
+        assert all(torch.equal(mine[k], v) for k, v in nets[name].state_dict().items()), name
+
+
+def test_video_stage_v3_drops_the_released_arn_and_says_so(released):
+    path, nets, _ = released
+    module = _video_module(
+        path, "version=v3", "encoder.preset=resnet18", "decoder.coarse_heads=true"
+    )
+    assert module.init_info["loaded"] == ["depth_net", "pose_net"]
+    assert module.init_info["ignored"] == ["rectify_net"]  # SC-DepthV3 has no ARN

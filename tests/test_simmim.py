@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from mesadepth.errors import ConfigError
+from mesadepth.errors import ConfigError, DataError
 from mesadepth.losses.masked import local_normalised_target, masked_l1_loss
 from mesadepth.models.simmim import (
     MaskGenerator,
@@ -319,3 +319,125 @@ def test_simmim_rejects_encoder_without_mask_token() -> None:
     del enc.mask_token
     with pytest.raises(ConfigError):
         SimMIM(enc)
+
+
+# ----------------------------------------------------------------------------- checkpoint import
+
+
+def _masked_recipe(run, init, *overrides):
+    from mesadepth.config import load_config
+    from mesadepth.stages.masked import MaskedRecipe
+
+    return load_config(
+        MaskedRecipe,
+        None,
+        [
+            f"run_dir={run}",
+            "encoder.preset=tiny-cpu",
+            "encoder.img_size=32",
+            "encoder.drop_path_rate=0.0",
+            f"encoder.init={init}",
+            *overrides,
+        ],
+    )
+
+
+def _simmim_file(path, *, decoder=True, mask_token=True, decoder_rows=None):
+    """An official SimMIM checkpoint ({'model': encoder.* + decoder.*}) and its SimMIM model."""
+    from mesadepth.models.backbone import build_encoder, official_encoder_state
+
+    torch.manual_seed(5)
+    model = SimMIM(build_encoder("tiny-cpu", img_size=32, layer_norm_eps=1e-5), encoder_stride=32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    enc = official_encoder_state(model.encoder, mask_token=mask_token)
+    state = {"encoder." + k: v for k, v in enc.items()}
+    if decoder:
+        w, b = model.decoder[0].weight.detach(), model.decoder[0].bias.detach()
+        if decoder_rows is not None:
+            w, b = w[:decoder_rows], b[:decoder_rows]
+        state["decoder.0.weight"], state["decoder.0.bias"] = w.clone(), b.clone()
+    torch.save({"model": state, "epoch": 99}, path)
+    return model
+
+
+def test_masked_stage_init_loads_the_simmim_decoder(tmp_path) -> None:
+    from mesadepth.stages.masked import MaskedPretraining
+
+    path = tmp_path / "simmim.pth"
+    src = _simmim_file(path)
+    module = MaskedPretraining(_masked_recipe(tmp_path / "run", path))
+    for k, v in src.state_dict().items():
+        assert torch.equal(module.model.state_dict()[k], v), k  # decoder included
+    report = module.init_report
+    assert report.decoder == "loaded" and report.reinitialised == [] and report.dropped == []
+    assert "decoder.0.weight" in report.loaded and report.original_layout
+    assert "decoder loaded; re-initialised: none; dropped: none" in report.summary()
+
+    # Asked not to: a fresh decoder, and the report says which keys were dropped.
+    fresh = MaskedPretraining(_masked_recipe(tmp_path / "r2", path, "encoder.init_decoder=false"))
+    assert not torch.equal(fresh.model.decoder[0].weight, src.decoder[0].weight)
+    assert fresh.init_report.decoder == "skipped"
+    assert fresh.init_report.dropped == ["decoder.0.weight", "decoder.0.bias"]
+    assert fresh.init_report.reinitialised == ["decoder.0.weight", "decoder.0.bias"]
+
+    # A decoder that does not fit is an error naming the keys, not a silent fresh decoder.
+    bad = tmp_path / "other_width.pth"
+    _simmim_file(bad, decoder_rows=48)
+    with pytest.raises(DataError, match=r"other_width\.pth.*decoder\.0\.weight \(file \(48, 128"):
+        MaskedPretraining(_masked_recipe(tmp_path / "r3", bad))
+
+    # A supervised Swin-v2 (no decoder, no mask token): both re-initialised and reported.
+    sup = tmp_path / "sup.pth"
+    _simmim_file(sup, decoder=False, mask_token=False)
+    rep = MaskedPretraining(_masked_recipe(tmp_path / "r4", sup)).init_report
+    assert rep.decoder == "absent"
+    assert rep.reinitialised == ["encoder.mask_token", "decoder.0.weight", "decoder.0.bias"]
+
+
+def test_masked_stage_continues_its_own_decoder_from_a_run_file(tmp_path) -> None:
+    from mesadepth.models.backbone import save_encoder
+    from mesadepth.stages.masked import MaskedPretraining
+
+    src = _simmim_file(tmp_path / "unused.pth")
+    decoder = {f"decoder.{k}": v for k, v in src.decoder.state_dict().items()}
+    path = tmp_path / "model.safetensors"
+    save_encoder(src.encoder, path, extra={**decoder, "pose_net.x": torch.zeros(1)})
+    module = MaskedPretraining(_masked_recipe(tmp_path / "run", path))
+    assert torch.equal(module.model.decoder[0].bias, src.decoder[0].bias)
+    assert module.init_report.decoder == "loaded"
+    assert module.init_report.dropped == ["pose_net.x"]
+
+
+@pytest.mark.slow
+def test_masked_run_prints_and_records_what_init_loaded(tmp_path, capsys) -> None:
+    from mesadepth.io import write_png
+    from mesadepth.stages.masked import run_masked
+
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        write_png(
+            tmp_path / "images" / "room" / f"{i}.png", rng.integers(0, 255, (40, 40, 3), np.uint8)
+        )
+    path = tmp_path / "simmim.pth"
+    _simmim_file(path)
+    recipe = _masked_recipe(
+        tmp_path / "run",
+        path,
+        "data.format=folder",
+        f"data.root={tmp_path / 'images'}",
+        "data.categories=null",
+        "data.img_size=32",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "mask.patch_size=8",
+        "trainer.max_epochs=1",
+        "trainer.accelerator=cpu",
+        "trainer.progress_bar=false",
+        "figures=1",
+    )
+    metrics = run_masked(recipe)
+    out = capsys.readouterr().out
+    assert f"init {path}: " in out and "decoder loaded" in out
+    assert metrics["init"]["decoder"] == "loaded" and metrics["init"]["reinitialised"] == []

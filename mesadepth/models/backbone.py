@@ -7,7 +7,8 @@ the encoder travels as one safetensors file whose keys are ``encoder.<timm key>`
 (:func:`save_encoder` / :func:`load_encoder`, shared/DESIGN.md); the file's metadata holds the
 constructor config so a file can be opened without being told its architecture.
 Official Swin-v2 / SimMIM / depth-repository ``.pth`` files are imported by
-:func:`load_official_checkpoint` (spec section 3.3). The nine CKA layers of spec section 3.1 are
+:func:`load_official_checkpoint` (spec section 3.3) and written back by
+:func:`official_encoder_state` (``mesadepth export``). The nine CKA layers of spec section 3.1 are
 :data:`PAPER_LAYERS`, captured with :func:`tap`.
 
 LayerNorm eps defaults to 1e-6, the value of the depth repository's fine-tuning encoder (spec
@@ -54,8 +55,12 @@ __all__ = [
     "load_encoder",
     "load_official_checkpoint",
     "load_tensors",
+    "official_encoder_state",
     "paper_layers",
+    "import_official_state",
     "read_metadata",
+    "read_official_state",
+    "reference_geometry",
     "resolve_layer",
     "resolve_layers",
     "save_encoder",
@@ -827,19 +832,48 @@ def load_encoder(
 # Official Swin-v2 / SimMIM / depth-repository checkpoints (spec 2.7, 3.2, 3.3).
 
 
+def _listed(keys: Sequence[str], n: int = 5) -> str:
+    keys = list(keys)
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
 @dataclasses.dataclass
 class ImportReport:
-    """What :func:`load_official_checkpoint` did to the file's keys."""
+    """What :func:`load_official_checkpoint` did with the file's keys (a run prints :meth:`summary`)."""
 
     original_layout: bool
     """Patch merging at the end of each stage (``layers.0.downsample.reduction.weight`` found)."""
     dropped: list[str]
-    """Source keys not loaded on purpose (decoder, buffers, classifier head, ...)."""
+    """Source weights not loaded on purpose (decoder, classifier head, ...), in the file's naming."""
     renamed: int
     """Number of keys renamed (layout move, ``rpe_mlp``, ``norm3``, ``head.fc``)."""
     mask_token_loaded: bool
     missing: list[str]
-    """Target keys left at their initial values (only non-empty when ``strict=False``)."""
+    """Target keys the file lacks (only non-empty when ``strict=False``)."""
+    loaded: list[str] = dataclasses.field(default_factory=list)
+    """Target (timm) keys that took the file's values."""
+    reinitialised: list[str] = dataclasses.field(default_factory=list)
+    """Target keys left at their initial values: ``mask_token`` when the file has none, and
+    ``missing``."""
+    recomputed: list[str] = dataclasses.field(default_factory=list)
+    """The file's window buffers (``relative_position_index``, ``relative_coords_table``,
+    ``attn_mask``), not loaded: the target computes them for its own windows (spec 3.2)."""
+
+    def summary(self) -> str:
+        """One line: what was loaded, re-initialised and dropped."""
+        layout = "original layout, patch merging moved" if self.original_layout else "timm layout"
+        parts = [f"encoder: {len(self.loaded)} tensors loaded ({layout}, {self.renamed} renamed)"]
+        parts.append(
+            "re-initialised: " + (_listed(self.reinitialised) if self.reinitialised else "none")
+        )
+        parts.append(
+            f"dropped {len(self.dropped)}: {_listed(self.dropped)}"
+            if self.dropped
+            else "dropped: none"
+        )
+        if self.recomputed:
+            parts.append(f"{len(self.recomputed)} window buffers recomputed")
+        return "; ".join(parts)
 
 
 _CONTAINERS = ("model", "state_dict", "module")
@@ -881,23 +915,11 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
     return state
 
 
-def load_official_checkpoint(
-    path: PathLike, encoder: SwinTransformerV2, strict: bool = True
-) -> ImportReport:
-    """Import an official Swin-v2 / SimMIM / depth-repository checkpoint into a timm encoder.
+def read_official_state(path: PathLike) -> dict[str, Tensor]:
+    """The state dict of an official / SimMIM / depth-repository file, unwrapped (spec 3.3 step 1).
 
-    Spec 3.3 (and the key map of 3.2): read with ``weights_only=True``; unwrap ``model`` /
-    ``state_dict`` / ``module``; strip ``module.``; if ``encoder.*`` keys exist keep only those
-    (drops ``decoder.*`` and other heads) and strip the prefix; drop ``decoder.*``; keep
-    ``mask_token`` iff the target has one (a source without one leaves the target's initial
-    token, e.g. supervised checkpoints); rename ``rpe_mlp`` -> ``cpb_mlp`` and ``norm3.`` ->
-    ``norm.`` (depth repo); drop ``relative_position_index`` / ``relative_coords_table`` /
-    ``attn_mask`` (recomputed for the target window); if ``layers.0.downsample.reduction.weight``
-    is present (original layout) move ``layers.N.downsample`` -> ``layers.(N+1).downsample`` and
-    ``head.`` -> ``head.fc.``; drop ``head.*`` when the target has no head (``num_classes=0``).
-    Then load; under ``strict`` any missing / unexpected / mis-shaped key is a
-    :class:`DataError` listing them. Build ``encoder`` with the *target* geometry (img size,
-    windows, ``pretrained_window_sizes``) first.
+    Read without executing pickled code; ``model`` / ``state_dict`` / ``module`` containers are
+    unwrapped and DataParallel's ``module.`` prefix stripped. Keys are otherwise the file's.
     """
     path = Path(path)
     if not path.is_file():
@@ -905,13 +927,23 @@ def load_official_checkpoint(
             path, "Swin-v2 checkpoint (.pth / .pt / .safetensors)", "official or SimMIM weights"
         )
     state = _unwrap(_read_torch_file(path), path)
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
+
+
+def import_official_state(
+    state: Mapping[str, Tensor],
+    encoder: SwinTransformerV2,
+    path: PathLike,
+    strict: bool = True,
+) -> ImportReport:
+    """Load the encoder part of an unwrapped official state dict (see :func:`load_official_checkpoint`).
+
+    ``path`` names the file in errors. Exactly inverted by :func:`official_encoder_state`.
+    """
     dropped: list[str] = []
+    recomputed: list[str] = []
     renamed = 0
-
-    def strip(prefix: str, sd: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in sd.items()}
-
-    state = strip("module.", state)
+    state = dict(state)
     if any(k.startswith(ENCODER_PREFIX) for k in state):
         dropped += [k for k in state if not k.startswith(ENCODER_PREFIX)]
         state = {
@@ -922,7 +954,10 @@ def load_official_checkpoint(
     original = _ORIGINAL_LAYOUT_KEY in state
     has_head = any(k.startswith("head.") for k in target)
     for key, value in state.items():
-        if key.startswith("decoder.") or any(b in key for b in _BUFFERS):
+        if any(b in key for b in _BUFFERS):
+            recomputed.append(key)
+            continue
+        if key.startswith("decoder."):
             dropped.append(key)
             continue
         if key == "mask_token" and "mask_token" not in target:
@@ -952,10 +987,200 @@ def load_official_checkpoint(
         missing = _load_checked(encoder, out, path, strict, optional)
     except DataError as err:
         raise DataError(path, err.problem + hint) from None
+    loaded = [k for k, v in out.items() if k in target and tuple(v.shape) == tuple(target[k].shape)]
     return ImportReport(
         original_layout=original,
         dropped=dropped,
         renamed=renamed,
         mask_token_loaded="mask_token" in out,
         missing=missing,
+        loaded=loaded,
+        reinitialised=[*optional, *missing],
+        recomputed=recomputed,
     )
+
+
+def load_official_checkpoint(
+    path: PathLike, encoder: SwinTransformerV2, strict: bool = True
+) -> ImportReport:
+    """Import an official Swin-v2 / SimMIM / depth-repository checkpoint into a timm encoder.
+
+    Spec 3.3 (and the key map of 3.2): read with ``weights_only=True``; unwrap ``model`` /
+    ``state_dict`` / ``module``; strip ``module.``; if ``encoder.*`` keys exist keep only those
+    (drops ``decoder.*`` and other heads) and strip the prefix; drop ``decoder.*``; keep
+    ``mask_token`` iff the target has one (a source without one leaves the target's initial
+    token, e.g. supervised checkpoints); rename ``rpe_mlp`` -> ``cpb_mlp`` and ``norm3.`` ->
+    ``norm.`` (depth repo); drop ``relative_position_index`` / ``relative_coords_table`` /
+    ``attn_mask`` (recomputed for the target window); if ``layers.0.downsample.reduction.weight``
+    is present (original layout) move ``layers.N.downsample`` -> ``layers.(N+1).downsample`` and
+    ``head.`` -> ``head.fc.``; drop ``head.*`` when the target has no head (``num_classes=0``).
+    Then load; under ``strict`` any missing / unexpected / mis-shaped key is a
+    :class:`DataError` listing them; ``strict=False`` is an explicit partial load whose gaps the
+    report lists (``missing``, ``reinitialised``) and a warning names. Build ``encoder`` with the
+    *target* geometry (img size, windows, ``pretrained_window_sizes``) first. The SimMIM decoder
+    of a SimMIM file is imported by :func:`mesadepth.models.simmim.load_simmim_checkpoint`; the
+    inverse is :func:`official_encoder_state` (``mesadepth export``).
+    """
+    path = Path(path)
+    return import_official_state(read_official_state(path), encoder, path, strict)
+
+
+# ---------------------------------------------------------------------------------------------
+# The inverse: this project's encoder -> the official / depth-repository key layout (export).
+
+OfficialNaming = Literal["official", "depth_repo"]
+
+
+def official_encoder_state(
+    encoder: SwinTransformerV2,
+    naming: OfficialNaming = "official",
+    *,
+    mask_token: bool = False,
+    buffers: bool = True,
+) -> dict[str, Tensor]:
+    """The encoder's weights as the reference Swin-v2 modules name and order them (spec 3.2).
+
+    Exact inverse of :func:`import_official_state`: patch merging goes back to the end of the
+    previous stage (``layers.(N+1).downsample`` -> ``layers.N.downsample``); ``naming="official"``
+    (microsoft/Swin-Transformer ``SwinTransformerV2``, SimMIM's encoder) keeps ``cpb_mlp`` and
+    ``norm``; ``naming="depth_repo"`` (MIM-Depth-Estimation's encoder) writes ``rpe_mlp`` and
+    ``norm3`` and has no ``attn_mask`` (it builds the mask in every forward). ``mask_token``
+    adds the SimMIM token (first, as the SimMIM encoder registers it). ``buffers`` adds the
+    persistent buffers those modules keep in their state dicts, computed for this encoder's
+    windows: ``attn.relative_coords_table`` (1, 2Wh-1, 2Ww-1, 2) float32,
+    ``attn.relative_position_index`` (Wh Ww, Wh Ww) int64 and, official naming, ``attn_mask``
+    (nW, Wh Ww, Wh Ww) with 0 / -100 on shifted blocks. Keys follow the reference modules'
+    registration order; tensors are detached CPU copies. Raises :class:`ConfigError` if timm's
+    state dict holds a key this map does not know (a timm version with other names).
+    """
+    if naming not in ("official", "depth_repo"):
+        raise ConfigError(f"naming must be 'official' or 'depth_repo', got {naming!r}")
+    sd = {k: v.detach().cpu().clone().contiguous() for k, v in encoder.state_dict().items()}
+    out: dict[str, Tensor] = {}
+    used: set[str] = set()
+
+    def put(src: str, dst: str) -> None:
+        out[dst] = sd[src]
+        used.add(src)
+
+    if mask_token and "mask_token" in sd:
+        put("mask_token", "mask_token")
+    for k in [k for k in sd if k.startswith("patch_embed.")]:
+        put(k, k)
+    n = len(encoder.layers)
+    for s, stage in enumerate(encoder.layers):
+        for b, block in enumerate(stage.blocks):
+            prefix = f"layers.{s}.blocks.{b}."
+            mask = getattr(block, "attn_mask", None)
+            if buffers and naming == "official" and mask is not None:
+                out[prefix + "attn_mask"] = mask.detach().cpu().clone().contiguous()
+            # The reference block registers norm1, attn, norm2, mlp (timm: attn, norm1, mlp, norm2).
+            own = [
+                k
+                for part in ("norm1.", "attn.", "norm2.", "mlp.")
+                for k in sd
+                if k.startswith(prefix + part)
+            ]
+            # The reference registers the two window buffers on the attention module, so they
+            # come after its parameters (logit_scale, q_bias, v_bias) and before its children.
+            first_child = next((k for k in own if k.startswith(prefix + "attn.cpb_mlp.")), None)
+            for k in own:
+                if buffers and k == first_child:
+                    attn = block.attn
+                    for name in ("relative_coords_table", "relative_position_index"):
+                        t = getattr(attn, name)
+                        out[prefix + "attn." + name] = t.detach().cpu().clone().contiguous()
+                dst = k.replace("cpb_mlp", "rpe_mlp") if naming == "depth_repo" else k
+                put(k, dst)
+        if s + 1 < n:
+            down = f"layers.{s + 1}.downsample."
+            for k in [k for k in sd if k.startswith(down)]:
+                put(k, f"layers.{s}.downsample." + k[len(down) :])
+    final = "norm3." if naming == "depth_repo" else "norm."
+    for k in [k for k in sd if k.startswith("norm.")]:
+        put(k, final + k[len("norm.") :])
+    left = [k for k in sd if k not in used and not (k == "mask_token" and not mask_token)]
+    if left:
+        raise ConfigError(
+            f"official_encoder_state: {len(left)} key(s) of this timm encoder have no reference "
+            f"name: {_listed(left)}"
+        )
+    return out
+
+
+def reference_geometry(
+    encoder: SwinV2Encoder, naming: OfficialNaming
+) -> tuple[dict[str, Any], list[str]]:
+    """Reference constructor settings that rebuild ``encoder``'s windows, and notes on the rest.
+
+    ``naming="official"``: microsoft/Swin-Transformer config keys (``DATA.IMG_SIZE``,
+    ``MODEL.SWINV2.WINDOW_SIZE`` (one int: the official model clips it per stage to the token
+    map, as timm does), ``PRETRAINED_WINDOW_SIZES``, ...). ``naming="depth_repo"``:
+    MIM-Depth-Estimation command-line options (``--window_size`` / ``--pretrain_window_size`` /
+    ``--use_shift`` per stage, ``--depths``, ``--backbone``). Notes say what the reference
+    cannot reproduce (a window it has no setting for, another LayerNorm eps).
+    """
+    cfg = encoder.config
+    notes: list[str] = []
+    eff = [tuple(int(v) for v in stage.blocks[0].window_size) for stage in encoder.layers]
+    grids = [tuple(int(v) for v in stage.blocks[0].input_resolution) for stage in encoder.layers]
+    shifted = [
+        any(g > w for g, w in zip(gr, ws, strict=True)) for gr, ws in zip(grids, eff, strict=True)
+    ]
+    pre = _per_stage(cfg.get("pretrained_window_sizes", 0), len(eff), "pretrained_window_sizes")
+    eps = float(cfg["layer_norm_eps"])
+    if any(h != w for h, w in eff) or any(h != w for h, w in pre):
+        notes.append(
+            f"non-square windows {eff} / pretrained {list(pre)}: the reference windows are square"
+        )
+    if naming == "official":
+        img = cfg["img_size"]
+        single = None
+        for cand in sorted(
+            {int(w) for ws in cfg["window_size"] for w in ([ws] if isinstance(ws, int) else ws)}
+            | {w for w, _ in eff}
+        ):
+            clipped = [(min(min(g), cand),) * 2 for g in grids]
+            if clipped == eff:
+                single = cand
+                break
+        geometry: dict[str, Any] = {
+            "DATA.IMG_SIZE": img[0] if img[0] == img[1] else img,
+            "MODEL.SWINV2.EMBED_DIM": cfg["embed_dim"],
+            "MODEL.SWINV2.DEPTHS": cfg["depths"],
+            "MODEL.SWINV2.NUM_HEADS": cfg["num_heads"],
+            "MODEL.SWINV2.WINDOW_SIZE": single,
+            "MODEL.SWINV2.PRETRAINED_WINDOW_SIZES": [p[0] for p in pre],
+        }
+        if single is None:
+            notes.append(
+                f"the per-stage windows {[w for w, _ in eff]} have no single official WINDOW_SIZE; "
+                "the official loaders drop the window buffers written here and compute their own"
+            )
+        if not math.isclose(eps, 1e-5):
+            notes.append(
+                f"LayerNorm eps {eps:g} here, 1e-5 in the official Swin-v2: features differ slightly"
+            )
+        return geometry, notes
+    widths = {96: "tiny", 128: "base", 192: "large", 352: "huge"}
+    name = widths.get(int(cfg["embed_dim"]))
+    if name is None:
+        notes.append(
+            f"embed_dim {cfg['embed_dim']}: GLPDepth derives the width from --backbone "
+            "(tiny 96, base 128, large 192, huge 352) and has none for this one"
+        )
+    geometry = {
+        "--backbone": f"swin_{name}_v2" if name else None,
+        "--depths": cfg["depths"],
+        "--window_size": [w for w, _ in eff],
+        "--pretrain_window_size": [
+            p[0] if p[0] > 0 else w for p, (w, _) in zip(pre, eff, strict=True)
+        ],
+        "--use_shift": shifted,
+        "--drop_path_rate": cfg["drop_path_rate"],
+    }
+    if not math.isclose(eps, 1e-6):
+        notes.append(
+            f"LayerNorm eps {eps:g} here, 1e-6 in MIM-Depth-Estimation's encoder: features differ slightly"
+        )
+    return geometry, notes

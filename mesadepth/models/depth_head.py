@@ -31,6 +31,7 @@ __all__ = [
     "DepthModel",
     "XieDepthHead",
     "load_depth_model",
+    "official_head_state",
     "save_depth_model",
 ]
 
@@ -453,3 +454,18 @@ def load_official_depth_model(
         raise DataError(path, f"depth head {head_cfg} does not match: " + "; ".join(problems))
     head.load_state_dict({k: v[0] for k, v in head_state.items()}, strict=True)
     return DepthModel(enc, head)
+
+
+def official_head_state(head: XieDepthHead) -> dict[str, Tensor]:
+    """The head's weights under the reference ``GLPDepth`` names: exact inverse of the import.
+
+    ``deconv_layers.*`` / ``conv_layers.*`` -> ``decoder.deconv_layers.*`` /
+    ``decoder.conv_layers.*`` (the reference ``Decoder``); ``last_layer_depth.*`` stays at the
+    top level, where ``GLPDepth`` registers it. BatchNorm running statistics and
+    ``num_batches_tracked`` included; detached CPU copies in the reference's order.
+    """
+    out: dict[str, Tensor] = {}
+    for key, value in head.state_dict().items():
+        name = key if key.startswith(_LAST_LAYER) else HEAD_PREFIX + key
+        out[name] = value.detach().cpu().clone().contiguous()
+    return out

@@ -13,14 +13,17 @@ Mask conventions (1 = masked everywhere):
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Protocol
+import os
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from mesadepth.errors import ConfigError
+from mesadepth.errors import ConfigError, DataError
 from mesadepth.losses.masked import local_normalised_target, masked_l1_loss
 
 __all__ = [
@@ -28,6 +31,8 @@ __all__ = [
     "MaskedEncoder",
     "SimMIM",
     "SimMIMDecoder",
+    "SimMIMImportReport",
+    "load_simmim_checkpoint",
     "mask_to_pixels",
     "pixels_to_mask",
 ]
@@ -232,3 +237,165 @@ class SimMIM(nn.Module):
         mask_pixels = mask_to_pixels(mask, self.patch_size)
         loss = masked_l1_loss(target, x_rec, mask_pixels)
         return loss, x_rec
+
+
+# ----------------------------------------------------------------------------- checkpoint import
+
+_DECODER = "decoder."
+
+
+@dataclasses.dataclass
+class SimMIMImportReport:
+    """What :func:`load_simmim_checkpoint` took from a file: encoder, mask token and decoder.
+
+    ``loaded`` and ``reinitialised`` use the model's names (``encoder.*``, ``decoder.*``);
+    ``dropped`` the file's. ``decoder`` is ``loaded``, ``absent`` (the file has no decoder),
+    ``skipped`` (``decoder=False`` was asked) or ``other_head`` (the file's ``decoder.*`` is
+    another head, e.g. a depth model's, so it cannot be SimMIM's).
+    """
+
+    path: str
+    decoder: Literal["loaded", "absent", "skipped", "other_head"]
+    loaded: list[str]
+    reinitialised: list[str]
+    dropped: list[str]
+    original_layout: bool = False
+    recomputed: int = 0
+
+    def summary(self) -> str:
+        """One line for the run's output: what was loaded, re-initialised and dropped."""
+
+        def listed(keys: list[str]) -> str:
+            return ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+
+        enc = sum(k.startswith("encoder.") for k in self.loaded)
+        dec = {
+            "loaded": "decoder loaded",
+            "absent": "no decoder in the file",
+            "skipped": "its decoder skipped (init_decoder=false)",
+            "other_head": "its decoder.* is not a SimMIM decoder",
+        }[self.decoder]
+        parts = [
+            f"init {self.path}: {enc} encoder tensors loaded"
+            + (" (patch merging moved from the original layout)" if self.original_layout else ""),
+            dec,
+            "re-initialised: " + (listed(self.reinitialised) or "none"),
+            "dropped: " + (listed(self.dropped) or "none"),
+        ]
+        if self.recomputed:
+            parts.append(f"{self.recomputed} window buffers recomputed")
+        return "; ".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready record (counts for the long lists) for metrics.json."""
+        return {
+            "path": self.path,
+            "decoder": self.decoder,
+            "loaded": len(self.loaded),
+            "reinitialised": list(self.reinitialised),
+            "dropped": list(self.dropped),
+            "original_layout": self.original_layout,
+        }
+
+
+def load_simmim_checkpoint(
+    path: str | os.PathLike[str], model: SimMIM, decoder: bool = True
+) -> SimMIMImportReport:
+    """Initialise a :class:`SimMIM` from a file: encoder, mask token and, when present, decoder.
+
+    Files: this project's ``.safetensors`` (``encoder.*`` + the masked stage's ``decoder.*``),
+    or an official Swin-v2 / SimMIM / depth-repository ``.pth`` (spec 3.3, read by
+    :func:`~mesadepth.models.backbone.read_official_state`; the SimMIM wrapper's
+    ``decoder.0.weight`` / ``decoder.0.bias`` already carry this decoder's names, spec 1.3). The
+    encoder load is strict except that a file without ``mask_token`` (a supervised Swin-v2)
+    leaves the token at its initial value. The decoder is loaded strictly when the file has a
+    SimMIM decoder and ``decoder`` is true; one that does not fit (another encoder width, stride
+    or channel count) is a :class:`DataError` naming the keys, never a silent re-initialisation.
+    A ``decoder.*`` that is another head (a depth model's) is dropped and reported. The
+    reference SimMIM resumes its own checkpoints whole; starting a new run from one, it loads
+    only the encoder: ``decoder=False`` reproduces that.
+    """
+    from mesadepth.models.backbone import (
+        ENCODER_PREFIX,
+        import_official_state,
+        load_encoder,
+        load_tensors,
+        read_metadata,
+        read_official_state,
+    )
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        load_encoder(path, encoder=model.encoder)
+        with safe_open(os.fspath(path), framework="pt") as f:
+            keys = list(f.keys())
+        loaded = [ENCODER_PREFIX + k for k in model.encoder.state_dict()]
+        reinit: list[str] = []
+        head = load_tensors(path, _DECODER)
+        # A fine-tuned depth model's decoder.* is its depth head (save_depth_model's metadata).
+        other_head = "depth_head" in read_metadata(path)
+        dropped = [k for k in keys if not k.startswith((ENCODER_PREFIX, _DECODER))]
+        original, recomputed = False, 0
+    else:
+        state = read_official_state(path)
+        report = import_official_state(state, model.encoder, path, strict=True)
+        loaded = [ENCODER_PREFIX + k for k in report.loaded]
+        reinit = [ENCODER_PREFIX + k for k in report.reinitialised]
+        head = {k[len(_DECODER) :]: v for k, v in state.items() if k.startswith(_DECODER)}
+        other_head = False
+        dropped = [k for k in report.dropped if not k.startswith(_DECODER)]
+        original, recomputed = report.original_layout, len(report.recomputed)
+    expected = model.decoder.state_dict()
+    # SimMIM's decoder is an nn.Sequential (keys 0.weight, 0.bias); e.g. the depth repo's head
+    # (deconv_layers.*, conv_layers.*) is not one.
+    other_head = other_head or not all(k.split(".")[0].isdigit() for k in head)
+    dec_keys = [_DECODER + k for k in expected]
+    if head and other_head:
+        status: Literal["loaded", "absent", "skipped", "other_head"] = "other_head"
+        dropped += [_DECODER + k for k in head]
+        reinit += dec_keys
+    elif not head:
+        status = "absent"
+        reinit += dec_keys
+    elif not decoder:
+        status = "skipped"
+        dropped += [_DECODER + k for k in head]
+        reinit += dec_keys
+    else:
+        missing = [k for k in expected if k not in head]
+        unexpected = [k for k in head if k not in expected]
+        shapes = [
+            f"decoder.{k} (file {tuple(head[k].shape)}, model {tuple(t.shape)})"
+            for k, t in expected.items()
+            if k in head and tuple(head[k].shape) != tuple(t.shape)
+        ]
+        if missing or unexpected or shapes:
+            problems = "; ".join(
+                f"{label}: {', '.join(keys[:4])}"
+                for label, keys in (
+                    ("missing", [_DECODER + k for k in missing]),
+                    ("unexpected", [_DECODER + k for k in unexpected]),
+                    ("shape-mismatched", shapes),
+                )
+                if keys
+            )
+            raise DataError(
+                path,
+                f"its SimMIM decoder does not fit this one (Conv2d {model.encoder.num_features} -> "
+                f"{model.encoder_stride}^2 x {model.in_chans}, 1x1): {problems}; build the encoder "
+                "like the file's, or start a fresh decoder with encoder.init_decoder=false",
+            )
+        model.decoder.load_state_dict(head, strict=True)
+        status = "loaded"
+        loaded += dec_keys
+    return SimMIMImportReport(
+        path=str(path),
+        decoder=status,
+        loaded=loaded,
+        reinitialised=reinit,
+        dropped=dropped,
+        original_layout=original,
+        recomputed=recomputed,
+    )

@@ -386,12 +386,15 @@ def build_finetune_encoder(recipe: FinetuneRecipe) -> tuple[SwinV2Encoder, dict[
         if kind == "encoder":
             load_encoder(path, encoder=encoder, drop_mask_token=not _has_mask(path))
         elif kind == "official":
-            load_official_checkpoint(path, encoder)
+            report = load_official_checkpoint(path, encoder)
     info = {
         "kind": kind,
         "path": str(path) if kind != "random" else None,
         "pretrained_window_sizes": encoder.config["pretrained_window_sizes"],
     }
+    if kind == "official":
+        # What the import left behind (a SimMIM decoder, a depth head, a supervised classifier).
+        info["dropped"], info["reinitialised"] = report.dropped, report.reinitialised
     return encoder, info
 
 
@@ -819,6 +822,11 @@ def run_finetune(
         "train_seconds": round(seconds + float(previous.get("train_seconds", 0.0) or 0.0), 2),
         "train_pairs": len(base),  # type: ignore[arg-type]
     }
+    if "dropped" in info:
+        metrics["init_dropped"], metrics["init_reinitialised"] = (
+            info["dropped"],
+            info["reinitialised"],
+        )
     if v.enabled:
         done = validation.last if validation is not None else None
         final = (

@@ -26,19 +26,19 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from mesadepth.config import save_config
 from mesadepth.data.simmim_data import IMAGENET_MEAN, IMAGENET_STD, SimMIMDataset, SimMIMTransform
 from mesadepth.errors import ConfigError
-from mesadepth.models.backbone import (
-    SwinV2Encoder,
-    build_encoder,
-    load_encoder,
-    load_official_checkpoint,
-    save_encoder,
+from mesadepth.models.backbone import SwinV2Encoder, build_encoder, save_encoder
+from mesadepth.models.simmim import (
+    MaskGenerator,
+    SimMIM,
+    SimMIMImportReport,
+    load_simmim_checkpoint,
 )
-from mesadepth.models.simmim import MaskGenerator, SimMIM
 from mesadepth.optim import build_scheduler, param_groups_no_decay, scaled_lr
 from mesadepth.training import (
     ResumableRandomSampler,
@@ -84,6 +84,13 @@ class EncoderConfig:
         default=None,
         metadata={
             "help": "start from: encoder.* safetensors of a mesadepth run, or an official Swin-v2/SimMIM .pth; null = random"
+        },
+    )
+    init_decoder: bool = field(
+        default=True,
+        metadata={
+            "help": "with init: also load the file's SimMIM decoder (decoder.*) when it has one; "
+            "false = a fresh decoder, as the reference does when a new run starts from a checkpoint"
         },
     )
 
@@ -272,14 +279,9 @@ def train_loader(recipe: MaskedRecipe, base: Dataset) -> DataLoader:
 
 
 def build_masked_encoder(cfg: EncoderConfig) -> SwinV2Encoder:
-    """The encoder of the recipe, initialised from ``cfg.init`` when given."""
-    encoder = build_encoder(cfg.preset, **cfg.overrides())
-    if cfg.init:
-        if cfg.init.endswith(".safetensors"):
-            load_encoder(cfg.init, encoder=encoder)
-        else:
-            load_official_checkpoint(cfg.init, encoder)
-    return encoder
+    """The encoder of the recipe, randomly initialised (``cfg.init`` is loaded into the whole
+    SimMIM model by :class:`MaskedPretraining`, decoder included)."""
+    return build_encoder(cfg.preset, **cfg.overrides())
 
 
 class MaskedPretraining(L.LightningModule):
@@ -301,6 +303,12 @@ class MaskedPretraining(L.LightningModule):
             norm_target=recipe.loss.norm_target,
             norm_target_patch_size=recipe.loss.norm_target_patch_size,
         )
+        # What init loaded, re-initialised and dropped; run_masked prints it.
+        self.init_report: SimMIMImportReport | None = None
+        if recipe.encoder.init:
+            self.init_report = load_simmim_checkpoint(
+                recipe.encoder.init, self.model, decoder=recipe.encoder.init_decoder
+            )
         self.first_losses: list[float] = []
         self.last_losses: list[float] = []
 
@@ -409,6 +417,11 @@ def reconstruction_figure(
     plt.close(fig)
 
 
+@rank_zero_only
+def _print_rank_zero(line: str) -> None:
+    print(line, flush=True)
+
+
 def run_masked(
     recipe: MaskedRecipe,
     command: list[str] | None = None,
@@ -427,6 +440,9 @@ def run_masked(
     loader = train_loader(recipe, base)
     module = MaskedPretraining(recipe)
     resumed = resolve_resume(run_dir, resume) is not None
+    if module.init_report is not None:
+        note = " (the resumed checkpoint then replaces these weights)" if resumed else ""
+        _print_rank_zero(module.init_report.summary() + note)
     previous = read_metrics(run_dir) if resumed else {}
     t0 = time.perf_counter()
     trainer = fit(module, loader, recipe.trainer, run_dir, resume=resume, callbacks=callbacks)
@@ -455,5 +471,7 @@ def run_masked(
             "train_seconds": round(seconds, 2),
             "images": len(base),  # type: ignore[arg-type]
         }
+        if module.init_report is not None:
+            metrics["init"] = previous.get("init", module.init_report.as_dict())
         write_metrics(run_dir, metrics)
     return metrics

@@ -610,7 +610,8 @@ def build_depth_net(recipe: VideoRecipe) -> tuple[DepthNet, dict[str, Any]]:
         if kind in ("encoder", "stage"):
             load_encoder(path, encoder=swin, drop_mask_token=not has_mask)
         elif kind == "official":
-            load_official_checkpoint(path, swin)
+            report = load_official_checkpoint(path, swin)
+            info["dropped"], info["reinitialised"] = report.dropped, report.reinitialised
     # The mask token is SimMIM's; unused here, so it must not expect a gradient under DDP.
     swin.mask_token.requires_grad_(False)
     if kind in ("encoder", "stage", "official"):
@@ -1026,7 +1027,14 @@ class VideoPretraining(L.LightningModule):
         self.init_info.update(loaded=loaded, ignored=ignored)
 
     def _load_sc_depth(self, path: Path) -> None:
-        """A released SC-Depth .ckpt (spec 8): every network whose keys and shapes match."""
+        """A released SC-Depth .ckpt (spec 8): every network of the file this recipe builds.
+
+        Each loads strictly; one that does not fit this recipe's network is a DataError naming
+        the file, the keys and the settings that match the release (the user asked for these
+        weights, so a random network would be a silent substitute). A network the recipe does
+        not build (the ARN of a v2 file in a v3 run) is dropped, as the reference's non-strict
+        load does, and recorded in ``ignored``; networks the file lacks stay random (``random``).
+        """
         from mesadepth.models.sc_depth import read_sc_depth_checkpoint
 
         nets, report = read_sc_depth_checkpoint(path)
@@ -1041,13 +1049,24 @@ class VideoPretraining(L.LightningModule):
             if target is None:
                 ignored.append(name)
                 continue
-            try:
-                load_strict(target, state, path, name)
-            except DataError:
-                ignored.append(name)  # e.g. the released ResNet DepthNet into a Swin DepthNet
-                continue
+            n = report.resnet_layers[name]
+            if name == "depth_net":
+                what = (
+                    f"this recipe's DepthNet (init={path.name} holds a ResNet-{n} DepthNet with "
+                    f"four disparity heads: set encoder.preset=resnet{n} decoder.coarse_heads=true; "
+                    "a Swin-v2 DepthNet cannot take it)"
+                )
+            else:
+                what = (
+                    f"this recipe's {'PoseNet' if name == 'pose_net' else 'ARN'} (init="
+                    f"{path.name} holds a ResNet-{n} one: set pose.num_layers={n} pose.width=64)"
+                )
+            load_strict(target, state, path, what)
             loaded.append(name)
-        self.init_info.update(loaded=loaded, ignored=ignored, model_version=report.model_version)
+        random = [k for k, t in targets.items() if t is not None and k not in nets]
+        self.init_info.update(
+            loaded=loaded, ignored=ignored, random=random, model_version=report.model_version
+        )
 
     # -- forward helpers -------------------------------------------------------------------------
 
