@@ -3,55 +3,50 @@
     PYTHONPATH=$PWD python3 benchmarks/gpu_check.py --out $OUT/gpu_check.json   # one H100, ~6 min
     PYTHONPATH=$PWD python3 benchmarks/gpu_check.py --smoke --out /tmp/smoke.json  # CPU, seconds
     PYTHONPATH=$PWD python3 benchmarks/gpu_check.py --device cpu --batch 1 --steps 1 \\
-        --no-search --only gp ft ev                                  # Swin-v2-L rows on a CPU
+        --no-search --budget-s 1e9 --only mp ft ev               # Swin-v2-L rows on a CPU
 
 Preparation on the GPU machine (no package registry; Python 3.12 with its own torch, lightning,
 timm, safetensors, h5py, scipy, opencv, matplotlib, tensorboard, tqdm, pyyaml, pillow; no lmdb):
 nothing to install. Run from the repository root with ``PYTHONPATH=$PWD`` (mesadepth is imported
-from the checkout, not pip-installed). lmdb is imported only by ``mesadepth.data.lsun``, which
-the world generator imports; the world rendered here writes no LSUN part, so when lmdb is
-missing a placeholder module stands in for it in the rendering process only.
+from the checkout, not pip-installed). Only ``mesadepth.data.lsun`` imports lmdb, through the
+world generator; the world rendered here has no LSUN part, so a placeholder module stands in
+for a missing lmdb in the rendering process.
 
-Stage rows (each builds the module of its ``configs/paper/*.yaml`` recipe with random weights;
-inputs are synthetic tensors of the recipe's shapes): ``MP 192`` (SimMIM, bf16-mixed as the
-recipe), ``GP 480`` (SC-DepthV2 + ARN), ``SP 480`` (SC-DepthV3), ``FT 480`` (Xie et al.
-fine-tuning), all three fp32 as their recipes (``32-true``), and ``EV 480`` (the NYUv2 test-time
-protocol, flip + 2 windows = 4 crops per 480x640 image, fp32). The 480-px rows are repeated
-under bf16 autocast (the recipes' documented option), without the batch search. Columns:
+Stage rows build the module of each ``configs/paper/*.yaml`` recipe with random weights and feed
+synthetic tensors of the recipe's shapes: ``MP 192`` (SimMIM, bf16-mixed as its recipe),
+``GP 480`` (SC-DepthV2 + ARN), ``SP 480`` (SC-DepthV3), ``FT 480`` (fine-tuning), fp32 as their
+recipes, each repeated under bf16 autocast (the documented option) without the batch search, and
+``EV 480`` (the NYUv2 protocol: flip + 2 windows = 4 crops per 480x640 image). Columns:
 
-- ``batch``: per-GPU batch of the recipe (EV: test images per call); ``img_s``: images
-  (GP/SP: target frames; EV: test images) per second at that batch;
-- ``data/fwd/bwd/opt_ms``: one step split with ``torch.cuda.synchronize`` between phases: host to
-  device copy of a ready pinned batch (not the loader; the GP-learn rows report the real
-  loader's share), forward + loss, backward, clip + optimizer step + zero_grad (EV: data = the
-  protocol's CPU/GPU work outside the model's forward passes);
-- ``peak_GiB``: ``torch.cuda.max_memory_allocated`` over the timed steps (CPU: process max RSS);
-- ``TFLOP``: FLOPs of one step by ``torch.utils.flop_counter.FlopCounterMode`` (matmul, conv,
-  attention; elementwise ops and grid_sample not counted); ``MFU``: TFLOP / step time / the
-  bf16 peak (``--peak-tflops``, default H100 SXM dense bf16 989), for every precision;
-- ``max_batch`` / ``max_img_s`` / ``max_GiB`` / ``stop``: the largest batch of a doubling search
-  from the recipe's batch (``oom``: the next doubling ran out of memory; ``cap``: ``--search-cap``
-  times the recipe's batch reached; ``time``: the search's time was up);
-- expectations (issue 20 item 3): ``exp_GiB`` = parameters x 4 bytes (fp32 weights) + trainable
-  parameters x 12 (gradients, Adam's two moments) + the bytes autograd saved for backward per
-  image (counted with saved-tensor hooks on the FLOP step) x the recipe's batch (EV: weights + 2 x
-  the largest activation of a forward, per crop); ``exp_img_s`` = 40 % of the precision's peak
-  (bf16 ``--peak-tflops``; fp32 ``--fp32-peak-tflops``, default 67 = H100 SXM without tensor cores,
-  PyTorch's default for fp32 matmuls) / counted FLOPs per image.
+- ``batch``: the recipe's per-GPU batch (EV: test images per call), halved until it fits;
+  ``img_s``: images (GP/SP: target frames; EV: test images) per second;
+- ``data/fwd/bwd/opt_ms``: one step, synchronised between phases: the copy of a ready pinned
+  batch to the device (not the loader: the GP-learn rows measure that), forward + loss,
+  backward, clipping + optimizer step (EV: data = the protocol's work outside the forwards);
+- ``peak_GiB``: ``torch.cuda.max_memory_allocated`` (CPU: the process's max RSS);
+- ``TFLOP``: one step's FLOPs by ``torch.utils.flop_counter.FlopCounterMode`` (matmul, conv,
+  attention); ``MFU``: those per second over the bf16 peak (``--peak-tflops``, default 989 =
+  H100 SXM dense bf16), whatever the row's precision;
+- ``max_batch`` / ``max_img_s`` / ``max_GiB`` / ``stop``: a doubling search from the recipe's
+  batch, ended by ``oom``, ``cap`` (``--search-cap`` x the batch) or ``time``;
+- ``exp_GiB``, ``exp_img_s`` (estimates, issue 20 item 3): 4 bytes per parameter + 12 per
+  trainable one (gradient, Adam's moments) + the bytes autograd saved per image on the FLOP step
+  x the recipe's batch (EV: weights + 2 x the largest saved activation per crop); FLOPs per image
+  at 40 % of the precision's peak (fp32: ``--fp32-peak-tflops``, default 67 = H100 SXM without
+  tensor cores, PyTorch's default for fp32 matmuls).
 
-GP-learn rows: the faithful GP recipe (configs/paper/geometric.yaml: reference PoseNet and ARN
-from scratch at width 64, pose.scale 0.01, reference warp, reflection padding, Adam 1e-4, fp32)
-with the differences needed here: random init (no MP file), the demo's tiny Swin-v2 encoder at
-192x256, batch 8 on one GPU (the reference's batch), on a world of 14 + 2 scenes of 256x192
-frames turning 0.5 degrees per frame (README "GP on CPU": at 2 degrees the rotational flow is
-beyond L_photo's basin), rendered by this script in the background while the stage rows run.
-It trains for ``--gp-seconds``, validating every 500 steps, then prints the held-out AbsRel
-(start, end, a constant map's), the PoseNet's ``pose_t_cos`` / ``pose_pair_cos`` and the step
-count; ``--gp-set key=value`` changes the recipe. A second row trains with ``pose.source=poses``
-(the true motion) when the checkout's PoseConfig has that key, else it is skipped with a note.
+GP-learn rows: configs/paper/geometric.yaml (reference PoseNet and ARN from scratch, width 64,
+pose.scale 0.01, reference warp and padding, Adam 1e-4, fp32), changed only where this check
+needs it: random init (no MP file), the demo's tiny Swin-v2 at 192x256, batch 8 on one device
+(the reference's batch), on 14 + 2 rooms of 256x192 frames turning 0.5 degrees per frame
+(README "GP on CPU": at 2 degrees the rotational flow is beyond L_photo's basin), rendered in the
+background while the stage rows run. It trains ``--gp-seconds``, validating every 500 steps, and
+reports the held-out AbsRel (start, end, a constant map's), ``pose_t_cos``, ``pose_pair_cos`` and
+the steps; ``--gp-set key=value`` changes the recipe. A second row trains with
+``pose.source=poses`` (the true motion) when the checkout's PoseConfig has that key.
 
-Every phase respects ``--budget-s`` (rows that do not fit are skipped and say so); progress is
-printed as it happens and the JSON is rewritten after every row, so a killed run keeps its rows.
+Every phase respects ``--budget-s``: what does not fit is skipped with a note. Progress is
+printed as it happens and the JSON rewritten after every row, so a killed run keeps its rows.
 """
 
 from __future__ import annotations
@@ -85,12 +80,12 @@ from mesadepth.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "configs" / "paper"
-STAGES = ("mp", "gp", "sp", "ft", "ev", "learn")
+ROWS = ("mp", "gp", "sp", "ft", "ev", "learn")
 _T0 = [time.perf_counter()]
 
-# Recipe / world overrides per scale: "paper" keeps each recipe (random weights, no data
-# paths); "smoke" runs the same code on the tiny CPU encoder. (The ARN halves its input, so a
-# 64-px smoke batch needs 2 images for BatchNorm.)
+# Recipe / world overrides per scale: "paper" keeps each recipe (random weights, no data paths);
+# "smoke" runs the same code on the tiny CPU encoder (the ARN halves its input, so 64-px GP
+# batches need 2 images for BatchNorm).
 SCALES: dict[str, dict[str, list[str]]] = {
     "paper": {
         "mp": [],
@@ -137,35 +132,21 @@ def clock(dev: str) -> float:
     return time.perf_counter()
 
 
-def to_device(x: Any, dev: str) -> Any:
+def tree(x: Any, f: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``f`` on every tensor of a batch (dicts and lists of tensors)."""
     if isinstance(x, torch.Tensor):
-        return x.to(dev, non_blocking=True)
+        return f(x)
     if isinstance(x, dict):
-        return {k: to_device(v, dev) for k, v in x.items()}
-    if isinstance(x, list):
-        return [to_device(v, dev) for v in x]
-    return x
+        return {k: tree(v, f) for k, v in x.items()}
+    return [tree(v, f) for v in x] if isinstance(x, list) else x
 
 
-def pinned(x: Any, dev: str) -> Any:
+def peak_gib(dev: str, reset: bool = False) -> float:
     if dev != "cuda":
-        return x
-    if isinstance(x, torch.Tensor):
-        return x.pin_memory()
-    if isinstance(x, dict):
-        return {k: pinned(v, dev) for k, v in x.items()}
-    return [pinned(v, dev) for v in x] if isinstance(x, list) else x
-
-
-def peak_gib(dev: str) -> float:
-    if dev == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    return maxrss_mb() / 1024
-
-
-def reset_peak(dev: str) -> None:
-    if dev == "cuda":
+        return maxrss_mb() / 1024
+    if reset:
         torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.max_memory_allocated() / 2**30
 
 
 def free(dev: str) -> None:
@@ -180,16 +161,15 @@ def autocast(dev: str, precision: str) -> contextlib.AbstractContextManager:
 
 @contextlib.contextmanager
 def saved_bytes(model: torch.nn.Module):
-    """Bytes autograd saves for backward inside the block (parameters excluded), per storage:
-    yields a dict storage pointer -> bytes."""
+    """Yields {storage pointer: bytes} of what autograd saves for backward in the block
+    (parameters excluded)."""
     skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        with contextlib.suppress(Exception):  # tensors without a storage (none expected)
-            s = t.untyped_storage()
-            if s.data_ptr() not in skip:
-                seen[s.data_ptr()] = s.nbytes()
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            seen[s.data_ptr()] = s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -210,7 +190,7 @@ class Stage:
     """One training stage as the check drives it: inputs, loss, optimizer."""
 
     name: str
-    precision: str  # "bf16" (autocast) or "fp32"
+    precision: str  # "bf16" (autocast) or "fp32", as the recipe's trainer.precision
     batch: int  # the recipe's per-GPU batch
     model: torch.nn.Module
     make: Callable[[int], dict]  # n -> a CPU batch of n
@@ -230,30 +210,28 @@ def build_mp(scale: str, dev: str) -> Stage:
 
     r = load_config(MaskedRecipe, PAPER / "masked.yaml", SCALES[scale]["mp"])
     m = MaskedPretraining(r).to(dev)
-    o, size = r.optim, r.data.img_size
+    o, size, t = r.optim, r.data.img_size, r.trainer
     groups = param_groups_no_decay(m.model, o.weight_decay, rule=o.no_decay_rule)
-    for g in groups:
-        g.pop("names", None)
-    total = r.data.batch_size * r.trainer.devices * r.trainer.accumulate_grad_batches
-    opt = torch.optim.AdamW(groups, lr=scaled_lr(o.lr_per_512, total), betas=o.betas, eps=o.eps)
+    lr = scaled_lr(o.lr_per_512, r.data.batch_size * t.devices * t.accumulate_grad_batches)
+    opt = torch.optim.AdamW(
+        [{k: v for k, v in g.items() if k != "names"} for g in groups],
+        lr=lr,
+        betas=o.betas,
+        eps=o.eps,
+    )
     masks = MaskGenerator(size, r.mask.patch_size, 4, r.mask.ratio)
 
     def make(n: int) -> dict:
         rng = np.random.default_rng(n)
-        image = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(n))
         mask = torch.from_numpy(np.stack([masks(rng) for _ in range(n)]).astype(np.int64))
-        return {"image": image, "mask": mask}
+        gen = torch.Generator().manual_seed(n)
+        return {"image": torch.randn(n, 3, size, size, generator=gen), "mask": mask}
 
-    return Stage(
-        f"MP {size}",
-        _precision(r.trainer.precision),
-        r.data.batch_size,
-        m,
-        make,
-        lambda b: m.model(b["image"], b["mask"])[0],
-        opt,
-        r.trainer.gradient_clip_val,
-    )
+    def loss(b: dict) -> torch.Tensor:
+        return m.model(b["image"], b["mask"])[0]
+
+    prec = _precision(t.precision)
+    return Stage(f"MP {size}", prec, r.data.batch_size, m, make, loss, opt, t.gradient_clip_val)
 
 
 def build_video(scale: str, dev: str, version: str) -> Stage:
@@ -262,9 +240,9 @@ def build_video(scale: str, dev: str, version: str) -> Stage:
     path = PAPER / ("geometric.yaml" if version == "v2" else "supervised.yaml")
     r = load_config(VideoRecipe, path, [*VIDEO_COMMON, *SCALES[scale]["video"]])
     m = VideoPretraining(r).to(dev)
-    h, w = r.data.size
+    (h, w), name = r.data.size, "GP" if version == "v2" else "SP"
     return Stage(
-        f"{'GP' if version == 'v2' else 'SP'} {h}",
+        f"{name} {h}",
         _precision(r.trainer.precision),
         r.data.batch_size,
         m,
@@ -282,25 +260,20 @@ def build_ft(scale: str, dev: str) -> tuple[Stage, Any]:
 
     r = load_config(FinetuneRecipe, PAPER / "finetune.yaml", SCALES[scale]["ft"])
     m = Finetuning(r).to(dev)
-    o = r.optim
+    o, (h, w) = r.optim, r.data.crop_size()
     groups = param_groups_layer_decay(m.model, o.weight_decay, o.layer_decay, m.depths)
     opt = torch.optim.AdamW(groups, lr=o.max_lr, betas=o.betas, eps=o.eps)
-    h, w = r.data.crop_size()
 
     def make(n: int) -> dict:
         g = torch.Generator().manual_seed(n)
-        return {
-            "image": torch.rand(n, 3, h, w, generator=g),
-            "depth": 0.5 + 9 * torch.rand(n, 1, h, w, generator=g),
-        }
+        image = torch.rand(n, 3, h, w, generator=g)
+        return {"image": image, "depth": 0.5 + 9 * torch.rand(n, 1, h, w, generator=g)}
 
     def loss(b: dict) -> torch.Tensor:
         return silog_loss(m.model(b["image"]), b["depth"], lambd=r.loss.silog_lambda)
 
-    stage = Stage(
-        f"FT {h}", _precision(r.trainer.precision), r.data.batch_size, m, make, loss, opt, None
-    )
-    return stage, r
+    prec = _precision(r.trainer.precision)
+    return Stage(f"FT {h}", prec, r.data.batch_size, m, make, loss, opt), r
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -309,7 +282,7 @@ def build_ft(scale: str, dev: str) -> tuple[Stage, Any]:
 def train_step(st: Stage, cpu_batch: dict, dev: str, precision: str) -> tuple[list[float], float]:
     """One step, synchronised between phases: ([data, forward, backward, optimizer] s, loss)."""
     t = [clock(dev)]
-    b = to_device(cpu_batch, dev)
+    b = tree(cpu_batch, lambda x: x.to(dev, non_blocking=True))
     t.append(clock(dev))
     with autocast(dev, precision):
         loss = st.loss(b)
@@ -324,15 +297,19 @@ def train_step(st: Stage, cpu_batch: dict, dev: str, precision: str) -> tuple[li
     return list(np.diff(t)), float(loss.detach().float())
 
 
+def pinned(st: Stage, n: int, dev: str) -> dict:
+    return tree(st.make(n), lambda x: x.pin_memory()) if dev == "cuda" else st.make(n)
+
+
 def try_batch(st: Stage, n: int, dev: str, precision: str) -> tuple[float, float, float] | None:
     """(images/s of the second of two steps, peak GiB, step s) at batch n; None on OOM."""
     oom = False
     try:
-        cpu = pinned(st.make(n), dev)
-        reset_peak(dev)
+        cpu = pinned(st, n, dev)
+        peak_gib(dev, reset=True)
         train_step(st, cpu, dev, precision)
-        phases, _ = train_step(st, cpu, dev, precision)
-        return n / sum(phases), peak_gib(dev), sum(phases)
+        step = sum(train_step(st, cpu, dev, precision)[0])
+        return n / step, peak_gib(dev), step
     except torch.cuda.OutOfMemoryError:
         oom = True
     finally:
@@ -365,31 +342,29 @@ def search(
     return {"max_batch": n, "max_img_s": img_s, "max_GiB": gib, "stop": stop}
 
 
-def expectations(row: dict, model: torch.nn.Module, act_per_image: float, args: Any) -> None:
-    params = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    row["params_M"] = params / 1e6
-    weights = 4 * params + 12 * trainable
-    row["exp_GiB"] = (weights + act_per_image * row["recipe_batch"]) / 2**30
+def expectations(row: dict, weight_bytes: float, act_bytes: float, args: Any) -> None:
+    """``exp_GiB`` (weights + act_bytes), ``exp_img_s`` (40 % of the peak) and ``MFU``."""
+    flops_per_image = row["TFLOP"] * 1e12 / row["batch"]
     peak = args.peak_tflops if row["precision"] == "bf16" else args.fp32_peak_tflops
-    row["exp_img_s"] = 0.4 * peak * 1e12 / (row["TFLOP"] * 1e12 / row["batch"])
-    row["MFU"] = row["TFLOP"] * 1e12 / row["step_ms"] * 1e3 / (args.peak_tflops * 1e12)
+    row["exp_GiB"] = (weight_bytes + act_bytes) / 2**30
+    row["exp_img_s"] = 0.4 * peak * 1e12 / flops_per_image
+    row["MFU"] = row["TFLOP"] / (row["step_ms"] / 1e3) / args.peak_tflops
 
 
 def measure_train(st: Stage, precision: str, args: Any, dev: str, search_s: float) -> dict:
-    batch, oom = args.batch or st.batch, False
+    asked, batch = args.batch or st.batch, args.batch or st.batch
     # Two steps first (kernels, allocator, optimizer state); halve a batch that does not fit.
     while try_batch(st, batch, dev, precision) is None:
         if batch == 1:
             raise torch.cuda.OutOfMemoryError(f"{st.name}: out of memory at batch 1")
-        batch, oom = batch // 2, True
-    cpu = pinned(st.make(batch), dev)
-    reset_peak(dev)
+        batch //= 2
+    cpu = pinned(st, batch, dev)
+    peak_gib(dev, reset=True)
     with flop_counter() as fc, saved_bytes(st.model) as seen:
         train_step(st, cpu, dev, precision)
-    act = sum(seen.values()) / batch
     runs = [train_step(st, cpu, dev, precision) for _ in range(args.steps)]
     phases = np.mean([r[0] for r in runs], axis=0)
+    params = [p for p in st.model.parameters()]
     row = {
         "row": st.name + (" bf16" if precision != st.precision else ""),
         "precision": precision,
@@ -400,31 +375,29 @@ def measure_train(st: Stage, precision: str, args: Any, dev: str, search_s: floa
         **{f"{k}_ms": 1e3 * v for k, v in zip(("data", "fwd", "bwd", "opt"), phases, strict=True)},
         "peak_GiB": peak_gib(dev),
         "TFLOP": fc.get_total_flops() / 1e12,
+        "params_M": sum(p.numel() for p in params) / 1e6,
         "loss": runs[-1][1],
     }
-    expectations(row, st.model, act, args)
+    weights = sum((16 if p.requires_grad else 4) * p.numel() for p in params)
+    expectations(row, weights, sum(seen.values()) / batch * st.batch, args)
     del cpu
-    if oom:
-        row.update(
-            max_batch=batch, stop="oom", note=f"batch {args.batch or st.batch}: out of memory"
-        )
+    if batch < asked:
+        row.update(max_batch=batch, stop="oom", note=f"batch {asked}: out of memory")
     elif search_s > 0:
-        row.update(
-            search(lambda n: try_batch(st, n, dev, precision), batch, args.search_cap, search_s)
-        )
+        trial = lambda n: try_batch(st, n, dev, precision)  # noqa: E731
+        row.update(search(trial, batch, args.search_cap, search_s))
     return row
 
 
-def measure_eval(model: Any, recipe: Any, scale: str, precision: str, args: Any, dev: str,
-                 search_s: float) -> dict:  # fmt: skip
-    """The NYUv2 protocol (spec 2.8) on random 480x640 images: forward time by model hooks."""
+def measure_eval(
+    model: Any, recipe: Any, scale: str, precision: str, args: Any, dev: str, search_s: float
+) -> dict:
+    """The NYUv2 protocol (spec 2.8) on random uint8 images; forward time from model hooks."""
     from mesadepth.evaluation.evaluate import model_batch_predictor
 
-    v = recipe.validation
+    v, (h, w), rng = recipe.validation, EV_IMAGE[scale], np.random.default_rng(0)
     predict = model_batch_predictor(model, dev, flip=v.flip, shift_window=v.shift_window)
-    h, w = EV_IMAGE[scale]
-    rng = np.random.default_rng(0)
-    fwd = [0.0, 0.0]
+    fwd = [0.0, 0.0]  # total forward seconds, start of the current forward
     hooks = [
         model.register_forward_pre_hook(lambda *_: fwd.__setitem__(1, clock(dev))),
         model.register_forward_hook(lambda *_: fwd.__setitem__(0, fwd[0] + clock(dev) - fwd[1])),
@@ -440,9 +413,8 @@ def measure_eval(model: Any, recipe: Any, scale: str, precision: str, args: Any,
     def trial(n: int) -> tuple[float, float, float] | None:
         oom = False
         try:
-            reset_peak(dev)
-            run(n)
-            dt = run(n)
+            peak_gib(dev, reset=True)
+            dt = [run(n), run(n)][1]
             return n / dt, peak_gib(dev), dt
         except torch.cuda.OutOfMemoryError:
             oom = True
@@ -453,7 +425,7 @@ def measure_eval(model: Any, recipe: Any, scale: str, precision: str, args: Any,
     try:
         batch = args.batch or 1
         run(batch)  # warm-up
-        reset_peak(dev)
+        peak_gib(dev, reset=True)
         with flop_counter() as fc:
             run(batch)
         fwd[0] = 0.0
@@ -461,9 +433,8 @@ def measure_eval(model: Any, recipe: Any, scale: str, precision: str, args: Any,
         forward = fwd[0] / args.steps
         side = recipe.data.crop_size()
         with saved_bytes(model) as seen, autocast(dev, precision):
-            model(torch.rand(1, 3, *side, device=dev))  # one crop with autograd: its activations
+            model(torch.rand(1, 3, *side, device=dev))  # one crop under autograd: activations
         params = sum(p.numel() for p in model.parameters())
-        crops = 4 * batch
         row = {
             "row": f"EV {side[0]} (flip+2 win)" + (" bf16" if precision == "bf16" else ""),
             "precision": precision,
@@ -476,11 +447,8 @@ def measure_eval(model: Any, recipe: Any, scale: str, precision: str, args: Any,
             "peak_GiB": peak_gib(dev),
             "TFLOP": fc.get_total_flops() / 1e12,
             "params_M": params / 1e6,
-            "exp_GiB": (4 * params + 2 * crops * max(seen.values(), default=0)) / 2**30,
         }
-        peak = args.peak_tflops if precision == "bf16" else args.fp32_peak_tflops
-        row["exp_img_s"] = 0.4 * peak * 1e12 / (row["TFLOP"] * 1e12 / batch)
-        row["MFU"] = row["TFLOP"] * 1e12 / total / (args.peak_tflops * 1e12)
+        expectations(row, 4 * params, 2 * 4 * batch * max(seen.values(), default=0), args)
         if search_s > 0:
             row.update(search(trial, batch, args.search_cap, search_s))
         return row
@@ -508,18 +476,17 @@ def render_world(out: str, scale: str, extra: list[str]) -> None:
 
 
 def start_world(out: Path, scale: str, extra: list[str]) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     cmd = [sys.executable, __file__, "--render-world", str(out), "--scale", scale]
     cmd += ["--gp-world", *extra] if extra else []
-    # Niced, so the kernel launches of the stage rows come first on the CPU.
     with open(out.parent / "world.log", "w") as log_file:
-        return subprocess.Popen(
-            cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        return subprocess.Popen(  # niced: the stage rows' kernel launches come first
+            cmd,
+            env={**os.environ, "PYTHONPATH": path},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
             preexec_fn=lambda: os.nice(10),
-        )  # fmt: skip
+        )
 
 
 def pose_source_available() -> bool:
@@ -528,8 +495,9 @@ def pose_source_available() -> bool:
     return "source" in {f.name for f in dataclasses.fields(PoseConfig)}
 
 
-def gp_learn(name: str, world: Path, work: Path, seconds: float, extra: list[str], args: Any,
-             scale: str, dev: str) -> dict:  # fmt: skip
+def gp_learn(
+    name: str, world: Path, work: Path, seconds: float, extra: list[str], args: Any
+) -> dict:
     """Train the GP-learn recipe for ``seconds``; held-out AbsRel and PoseNet scores."""
     import lightning as L
 
@@ -537,15 +505,9 @@ def gp_learn(name: str, world: Path, work: Path, seconds: float, extra: list[str
 
     run_dir = work / name.replace(" ", "_")
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resume
-    over = [
-        *LEARN_COMMON,
-        *SCALES[scale]["learn"],
-        f"trainer.accelerator={'gpu' if dev == 'cuda' else 'cpu'}",
-        f"data.root={world / 'video'}",
-        f"run_dir={run_dir}",
-        *extra,
-        *args.gp_set,
-    ]
+    accelerator = "gpu" if args.device == "cuda" else "cpu"
+    over = [*LEARN_COMMON, *SCALES[args.scale]["learn"], f"trainer.accelerator={accelerator}"]
+    over += [f"data.root={world / 'video'}", f"run_dir={run_dir}", *extra, *args.gp_set]
     recipe = load_config(VideoRecipe, PAPER / "geometric.yaml", over)
     curve: list[dict] = []
 
@@ -562,45 +524,38 @@ def gp_learn(name: str, world: Path, work: Path, seconds: float, extra: list[str
 
         def on_train_batch_start(self, trainer: Any, module: Any, *_: Any) -> None:
             self.t_batch = time.perf_counter()
-            if self.last is not None:
-                self.wait += self.t_batch - self.last
+            self.wait += self.t_batch - self.last if self.last is not None else 0.0
 
         def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, *_: Any) -> None:
             self.last = time.perf_counter()
             self.compute += self.last - self.t_batch
             if trainer.global_step % 250 == 0:
                 log(f"{name}: step {trainer.global_step}, loss {float(outputs['loss']):.4f}")
-            if self.last - self.t0 > seconds:
-                trainer.should_stop = True
+            trainer.should_stop = trainer.should_stop or self.last - self.t0 > seconds
 
         def on_validation_end(self, trainer: Any, module: Any) -> None:
-            val = module.last_validation or {}
+            val, self.last = module.last_validation or {}, None
             if val:
                 keys = ("step", "abs_rel", "pose_t_cos", "pose_pair_cos")
                 curve.append({k: val[k] for k in keys if k in val})
                 log(f"{name}: validation {curve[-1]}")
-            self.last = None
 
     box = TimeBox()
     m = run_video(recipe, callbacks=(box,))
     start, end = m.get("validation_start", {}), m.get("validation", {})
-    const = m.get("baseline_constant_depth", {})
-    steps = int(m["steps"])
     loop = box.compute + box.wait
     row = {
         "row": name,
-        "steps": steps,
-        "train_s": float(m.get("train_seconds", 0.0)),
-        "snippets_s": steps * recipe.data.batch_size / loop if loop > 0 else None,
-        "data_wait_share": box.wait / loop if loop > 0 else None,
+        "steps": int(m["steps"]),
+        "train_s": m.get("train_seconds"),
+        "snippets_s": int(m["steps"]) * recipe.data.batch_size / loop if loop else None,
+        "data_wait_share": box.wait / loop if loop else None,
         "abs_rel_start": start.get("abs_rel"),
         "abs_rel_end": end.get("abs_rel"),
-        "abs_rel_const": const.get("abs_rel"),
+        "abs_rel_const": m.get("baseline_constant_depth", {}).get("abs_rel"),
         "pose_t_cos_start": start.get("pose_t_cos"),
-        "pose_t_cos": end.get("pose_t_cos"),
-        "pose_pair_cos": end.get("pose_pair_cos"),
-        "pose_rot_err_deg": end.get("pose_rot_err_deg"),
-        "pose_rot_none_deg": end.get("pose_rot_none_deg"),
+        **{k: end.get(k) for k in ("pose_t_cos", "pose_pair_cos")},
+        **{k: end.get(k) for k in ("pose_rot_err_deg", "pose_rot_none_deg")},
         "photo_start": m.get("loss_start", {}).get("photo"),
         "photo_end": m.get("loss_end", {}).get("photo"),
         "curve": curve,
@@ -613,41 +568,12 @@ def gp_learn(name: str, world: Path, work: Path, seconds: float, extra: list[str
 # ----------------------------------------------------------------------------- the run
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--out", default="gpu_check.json", help="JSON written after every row")
-    ap.add_argument("--smoke", action="store_true", help="every row for 2 steps on CPU, tiny")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--only", nargs="+", choices=STAGES, default=list(STAGES), help="rows")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per row")
-    ap.add_argument("--batch", type=int, help="batch of every stage row (default: the recipe's)")
-    ap.add_argument(
-        "--budget-s", type=float, help="wall-clock budget in seconds (default 340; smoke: none)"
-    )
-    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--gp-seconds", type=float, default=150.0, help="GP-learn training time")
-    ap.add_argument("--gp-poses-seconds", type=float, default=60.0, help="pose.source=poses row")
-    ap.add_argument("--gp-set", nargs="*", default=[], help="GP-learn recipe key=value")
-    ap.add_argument("--gp-world", nargs="*", default=[], help="GP-learn world key=value")
-    ap.add_argument("--search-cap", type=int, default=16, help="largest batch / recipe batch")
-    ap.add_argument("--search-s", type=float, default=20.0, help="seconds per batch search")
-    ap.add_argument("--no-search", action="store_true", help="skip the largest-batch search")
-    ap.add_argument("--no-bf16-rows", action="store_true", help="skip the bf16 option rows")
-    ap.add_argument("--peak-tflops", type=float, default=989.0, help="device dense bf16 peak")
-    ap.add_argument("--fp32-peak-tflops", type=float, default=67.0, help="device fp32 peak")
-    ap.add_argument("--work", help="folder for the world and GP-learn runs (default: a temp dir)")
-    ap.add_argument("--render-world", help=argparse.SUPPRESS)
-    ap.add_argument("--scale", default="paper", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.smoke:
-        args.device, args.steps, args.search_cap = "cpu", 2, 2
-    if args.budget_s is None:
-        args.budget_s = math.inf if args.smoke else 340.0
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return args
+STAGE_COLS = ("row", "precision", "batch", "img_s", "data_ms", "fwd_ms", "bwd_ms", "opt_ms",
+              "peak_GiB", "TFLOP", "MFU", "max_batch", "max_img_s", "max_GiB", "stop",
+              "exp_GiB", "exp_img_s")  # fmt: skip
+LEARN_COLS = ("row", "steps", "train_s", "snippets_s", "data_wait_share", "abs_rel_start",
+              "abs_rel_end", "abs_rel_const", "end_vs_const", "pose_t_cos_start", "pose_t_cos",
+              "pose_pair_cos", "pose_rot_err_deg", "pose_rot_none_deg")  # fmt: skip
 
 
 def _round(x: Any) -> Any:
@@ -658,85 +584,54 @@ def _round(x: Any) -> Any:
     return [_round(v) for v in x] if isinstance(x, list) else x
 
 
-STAGE_COLS = ("row", "precision", "batch", "img_s", "data_ms", "fwd_ms", "bwd_ms", "opt_ms",
-              "peak_GiB", "TFLOP", "MFU", "max_batch", "max_img_s", "max_GiB", "stop",
-              "exp_GiB", "exp_img_s")  # fmt: skip
-LEARN_COLS = ("row", "steps", "train_s", "snippets_s", "data_wait_share", "abs_rel_start",
-              "abs_rel_end", "abs_rel_const", "end_vs_const", "pose_t_cos_start", "pose_t_cos",
-              "pose_pair_cos", "pose_rot_err_deg", "pose_rot_none_deg")  # fmt: skip
+class Check:
+    """The run: rows in order, the budget, the JSON rewritten after every row."""
 
+    def __init__(self, args: argparse.Namespace, argv: list[str] | None) -> None:
+        import lightning
+        import timm
 
-def show(rows: list[dict]) -> None:
-    learn = [r for r in rows if r["row"].startswith("GP-learn")]
-    stage = [r for r in rows if not r["row"].startswith("GP-learn")]
-    for part, cols in ((stage, STAGE_COLS), (learn, LEARN_COLS)):
-        if part:
-            print_table(
-                [
-                    {c: r.get(c, "") for c in (*cols, "note", "error") if c in r or c in cols}
-                    for r in part
-                ]  # fmt: skip
-            )
-            print(flush=True)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    if args.render_world:
-        render_world(args.render_world, args.scale, args.gp_world)
-        return {}
-    _T0[0] = time.perf_counter()
-    scale, dev = ("smoke" if args.smoke else "paper"), args.device
-    out = Path(args.out)
-    # Not under --out's folder: a GPU machine sends that folder back, checkpoints included.
-    work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_"))
-    work.mkdir(parents=True, exist_ok=True)
-    import lightning
-    import timm
-
-    report: dict[str, Any] = {
-        "meta": {
+        self.args, self.dev, self.out = args, args.device, Path(args.out)
+        # Not under --out's folder: a GPU machine sends that folder back, checkpoints included.
+        self.work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_"))
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.reserve = 0.0
+        cuda = self.dev == "cuda"
+        meta = {
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-            "torch": torch.__version__,
-            "lightning": lightning.__version__,
-            "timm": timm.__version__,
+            "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "versions": {
+                "torch": torch.__version__,
+                "lightning": lightning.__version__,
+                "timm": timm.__version__,
+            },  # fmt: skip
             "cpu_count": os.cpu_count(),
-            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-            "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+            "tf32": {
+                "matmul": torch.backends.cuda.matmul.allow_tf32,
+                "cudnn": torch.backends.cudnn.allow_tf32,
+            },  # fmt: skip
             "peak_tflops": args.peak_tflops,
             "fp32_peak_tflops": args.fp32_peak_tflops,
             "argv": sys.argv[1:] if argv is None else argv,
-            "memory": "torch.cuda.max_memory_allocated" if dev == "cuda" else "process max RSS",
-        },
-        "rows": [],
-    }
-    log(
-        f"gpu_check on {report['meta']['device']}, torch {torch.__version__}, budget {args.budget_s:.0f} s"
-    )
+            "memory": "torch.cuda.max_memory_allocated" if cuda else "process max RSS",
+        }
+        self.report: dict[str, Any] = {"meta": meta, "rows": []}
 
-    def add(row: dict) -> None:
-        report["rows"].append(_round(row))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=1))
-        tmp.replace(out)
-        log(" | ".join(f"{k} {v}" for k, v in report["rows"][-1].items() if k != "curve"))
+    def left(self) -> float:
+        return self.args.budget_s - (time.perf_counter() - _T0[0])
 
-    def left() -> float:
-        return args.budget_s - (time.perf_counter() - _T0[0])
+    def add(self, row: dict) -> None:
+        self.report["rows"].append(_round(row))
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.report, indent=1))
+        tmp.replace(self.out)
+        log(" | ".join(f"{k} {v}" for k, v in self.report["rows"][-1].items() if k != "curve"))
 
-    learn = "learn" in args.only
-    has_source = pose_source_available()
-    # Kept for GP-learn: its full time (+ set-up, validations, export) and the poses row's least.
-    reserve = (args.gp_seconds + 25 + (POSES_MIN_S + 15) * has_source) * learn
-    world = work / "world"
-    proc = start_world(world, scale, args.gp_world) if learn else None
-    t_world = time.perf_counter()
-
-    def row(name: str, fn: Callable[[], dict | list[dict]], need: float) -> None:
-        if left() - reserve < need:
-            add({"row": name, "note": f"skipped: {left():.0f} s of the budget left"})
+    def row(self, name: str, fn: Callable[[], dict | list[dict]], need: float) -> None:
+        """Run ``fn`` if ``need`` seconds are left besides the reserve; errors become rows."""
+        if self.left() - self.reserve < need:
+            self.add({"row": name, "note": f"skipped: {self.left():.0f} s of the budget left"})
             return
         log(f"{name} ...")
         try:
@@ -745,84 +640,149 @@ def main(argv: list[str] | None = None) -> dict:
             traceback.print_exc()
             res = {"row": name, "error": f"{type(exc).__name__}: {exc}"[:500]}
         for r in res if isinstance(res, list) else [res]:
-            add(r)
-        free(dev)
+            self.add(r)
+        free(self.dev)
 
-    def search_s() -> float:
-        return 0.0 if args.no_search else max(0.0, min(args.search_s, left() - reserve - 15))
+    def search_s(self) -> float:
+        a = self.args
+        return 0.0 if a.no_search else max(0.0, min(a.search_s, self.left() - self.reserve - 15))
 
-    def train_rows(build: Callable[[], Stage]) -> list[dict]:
-        st = build()
-        rows = [measure_train(st, st.precision, args, dev, search_s())]
-        if st.precision != "bf16" and not args.no_bf16_rows and left() - reserve > 15:
+    def train_rows(self, st: Stage) -> list[dict]:
+        a, dev = self.args, self.dev
+        rows = [measure_train(st, st.precision, a, dev, self.search_s())]
+        if st.precision != "bf16" and not a.no_bf16_rows and self.left() - self.reserve > 15:
             try:
-                rows.append(measure_train(st, "bf16", args, dev, 0.0))
+                rows.append(measure_train(st, "bf16", a, dev, 0.0))
             except Exception as exc:
                 traceback.print_exc()
                 rows.append({"row": f"{st.name} bf16", "error": f"{type(exc).__name__}: {exc}"})
         return rows
 
-    need = 5 if args.smoke else 25
-    if "mp" in args.only:
-        row("MP", lambda: train_rows(lambda: build_mp(scale, dev)), need)
-    if "gp" in args.only:
-        row("GP", lambda: train_rows(lambda: build_video(scale, dev, "v2")), need)
-    if "sp" in args.only:
-        row("SP", lambda: train_rows(lambda: build_video(scale, dev, "v3")), need)
-    if "ft" in args.only or "ev" in args.only:
+    def ft_ev(self) -> list[dict]:
+        a, dev = self.args, self.dev
+        st, recipe = build_ft(a.scale, dev)
+        rows = self.train_rows(st) if "ft" in a.only else []
+        if "ev" in a.only:
+            st.opt.zero_grad(set_to_none=True)
+            st.opt.state.clear()  # the optimizer's moments are no part of evaluation
+            free(dev)
+            model = st.model.model
+            rows.append(measure_eval(model, recipe, a.scale, "fp32", a, dev, self.search_s()))
+            if a.no_bf16_rows:
+                pass
+            elif self.left() - self.reserve < 10:
+                rows.append({"row": "EV bf16", "note": "skipped: budget"})
+            else:
+                rows.append(measure_eval(model, recipe, a.scale, "bf16", a, dev, 0.0))
+        return rows
 
-        def ft_ev() -> list[dict]:
-            st, recipe = build_ft(scale, dev)
-            rows = train_rows(lambda: st) if "ft" in args.only else []
-            if "ev" in args.only:
-                st.opt.zero_grad(set_to_none=True)
-                st.opt.state.clear()  # the optimizer's moments are no part of evaluation
-                free(dev)
-                precisions = ["fp32"] + ([] if args.no_bf16_rows else ["bf16"])
-                for i, p in enumerate(precisions):
-                    if i and left() - reserve < 10:
-                        rows.append({"row": "EV bf16", "note": "skipped: budget"})
-                        break
-                    s = search_s() if i == 0 else 0.0
-                    rows.append(measure_eval(st.model.model, recipe, scale, p, args, dev, s))
-            return rows
+    def learn(self, proc: subprocess.Popen, world: Path, t_world: float) -> None:
+        if proc.wait(timeout=max(1.0, self.left())):
+            tail = (world.parent / "world.log").read_text()[-400:]
+            self.add({"row": "GP-learn", "error": f"world rendering failed: {tail}"})
+            return
+        manifest = json.loads((world / "manifest.json").read_text())
+        self.report["meta"]["world"] = {
+            "counts": manifest["counts"],
+            "image_size": manifest["image_size"],
+            "render_s": manifest["seconds"]["total"],
+            "ready_after_s": time.perf_counter() - t_world,
+        }
+        has_source = pose_source_available()
+        runs = [("GP-learn posenet", [], self.args.gp_seconds)]
+        if has_source:
+            runs.append(("GP-learn poses", ["pose.source=poses"], self.args.gp_poses_seconds))
+        self.reserve = 0.0
+        for i, (name, extra, seconds) in enumerate(runs):
+            secs = min(seconds, self.left() - 15 - (POSES_MIN_S + 15) * (len(runs) - 1 - i))
+            if secs < 10:
+                self.add({"row": name, "note": f"skipped: {self.left():.0f} s of the budget left"})
+                continue
+            learn = partial(gp_learn, name, world, self.work, secs, extra, self.args)
+            self.row(name, learn, -1)
+        if not has_source:
+            note = "skipped: this checkout's PoseConfig has no `source` key"
+            self.add({"row": "GP-learn poses", "note": note})
 
-        row("FT/EV", ft_ev, need)
+    def run(self) -> dict:
+        a, dev = self.args, self.dev
+        log(f"gpu_check on {self.report['meta']['device']}, budget {a.budget_s:.0f} s")
+        world = self.work / "world"
+        proc, t_world = None, time.perf_counter()
+        if "learn" in a.only:
+            proc = start_world(world, a.scale, a.gp_world)
+            # Kept for GP-learn: its time (+ set-up, validations, export) and the poses row's least.
+            self.reserve = a.gp_seconds + 25 + (POSES_MIN_S + 15) * pose_source_available()
+        need = 5 if a.smoke else 25
+        builds = {
+            "mp": lambda: build_mp(a.scale, dev),
+            "gp": lambda: build_video(a.scale, dev, "v2"),
+            "sp": lambda: build_video(a.scale, dev, "v3"),
+        }
+        for key, build in builds.items():
+            if key in a.only:
+                self.row(key.upper(), lambda b=build: self.train_rows(b()), need)
+        if "ft" in a.only or "ev" in a.only:
+            self.row("FT/EV", self.ft_ev, need)
+        if proc is not None:
+            self.learn(proc, world, t_world)
+        if not a.work:
+            shutil.rmtree(self.work, ignore_errors=True)
+        self.report["meta"]["total_s"] = time.perf_counter() - _T0[0]
+        self.out.write_text(json.dumps(self.report, indent=1))
+        rows = self.report["rows"]
+        for keep, cols in ((False, STAGE_COLS), (True, LEARN_COLS)):
+            part = [r for r in rows if r["row"].startswith("GP-learn") == keep]
+            if part:
+                extra = [c for c in ("note", "error") if any(c in r for r in part)]
+                print_table([{c: r.get(c, "") for c in (*cols, *extra)} for r in part])
+                print(flush=True)
+        log(f"done: {self.out}")
+        return self.report
 
-    if learn:
-        if proc.wait(timeout=max(1.0, left())):
-            tail = (work / "world.log").read_text()[-400:]
-            add({"row": "GP-learn", "error": f"world rendering failed: {tail}"})
-        else:
-            manifest = json.loads((world / "manifest.json").read_text())
-            report["meta"]["world"] = {
-                "counts": manifest["counts"],
-                "image_size": manifest["image_size"],
-                "render_s": manifest["seconds"]["total"],
-                "ready_after_s": time.perf_counter() - t_world,
-            }
-            runs = [("GP-learn posenet", [], args.gp_seconds)]
-            if has_source:
-                runs.append(("GP-learn poses", ["pose.source=poses"], args.gp_poses_seconds))
-            for i, (name, extra, seconds) in enumerate(runs):
-                later = (POSES_MIN_S + 15) * (len(runs) - 1 - i)
-                secs = min(seconds, left() - 15 - later)
-                if secs < 10:
-                    add({"row": name, "note": f"skipped: {left():.0f} s of the budget left"})
-                    continue
-                reserve = 0.0
-                row(name, partial(gp_learn, name, world, work, secs, extra, args, scale, dev), -1)
-            if not has_source:
-                note = "skipped: this checkout's PoseConfig has no `source` key"
-                add({"row": "GP-learn poses", "note": note})
-    if not args.work:
-        shutil.rmtree(work, ignore_errors=True)
-    report["meta"]["total_s"] = time.perf_counter() - _T0[0]
-    out.write_text(json.dumps(report, indent=1))
-    print()
-    show(report["rows"])
-    log(f"done: {out}")
-    return report
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--out", default="gpu_check.json", help="JSON, rewritten after every row")
+    ap.add_argument("--smoke", action="store_true", help="every row for 2 steps on CPU, tiny")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--only", nargs="+", choices=ROWS, default=list(ROWS), help="rows to run")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per row")
+    ap.add_argument("--batch", type=int, help="batch of every stage row (default: the recipe's)")
+    ap.add_argument("--budget-s", type=float, help="wall seconds (default 340; smoke: none)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--gp-seconds", type=float, default=150.0, help="GP-learn training time")
+    ap.add_argument("--gp-poses-seconds", type=float, default=60.0, help="the poses row's")
+    ap.add_argument("--gp-set", nargs="*", default=[], help="GP-learn recipe key=value")
+    ap.add_argument("--gp-world", nargs="*", default=[], help="GP-learn world key=value")
+    ap.add_argument("--search-cap", type=int, default=16, help="largest batch / recipe batch")
+    ap.add_argument("--search-s", type=float, default=20.0, help="seconds per batch search")
+    ap.add_argument("--no-search", action="store_true", help="skip the largest-batch search")
+    ap.add_argument("--no-bf16-rows", action="store_true", help="skip the bf16 option rows")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="device dense bf16 peak")
+    ap.add_argument("--fp32-peak-tflops", type=float, default=67.0, help="device fp32 peak")
+    ap.add_argument("--work", help="folder for the world and GP-learn runs (default: temporary)")
+    ap.add_argument("--render-world", help=argparse.SUPPRESS)
+    ap.add_argument("--scale", default="paper", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.device, args.steps, args.search_cap, args.scale = "cpu", 2, 2, "smoke"
+    if args.budget_s is None:
+        args.budget_s = math.inf if args.smoke else 340.0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.render_world:
+        render_world(args.render_world, args.scale, args.gp_world)
+        return {}
+    _T0[0] = time.perf_counter()
+    return Check(args, argv).run()
 
 
 if __name__ == "__main__":

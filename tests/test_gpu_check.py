@@ -34,7 +34,12 @@ def gpu_check():
 def smoke(gpu_check, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gpu_check")
     out = tmp / "check.json"
-    returned = gpu_check.main(["--smoke", "--out", str(out), "--work", str(tmp / "work")])
+    threads = torch.get_num_threads()  # tiny models: one thread is faster, and no spin-waits
+    try:
+        argv = ["--smoke", "--threads", "1", "--out", str(out), "--work", str(tmp / "work")]
+        returned = gpu_check.main(argv)
+    finally:
+        torch.set_num_threads(threads)
     written = json.loads(out.read_text())
     return returned, written, {r["row"]: r for r in written["rows"]}
 
