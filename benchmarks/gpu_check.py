@@ -604,12 +604,12 @@ class Check:
                 "torch": torch.__version__,
                 "lightning": lightning.__version__,
                 "timm": timm.__version__,
-            },  # fmt: skip
+            },
             "cpu_count": os.cpu_count(),
             "tf32": {
                 "matmul": torch.backends.cuda.matmul.allow_tf32,
                 "cudnn": torch.backends.cudnn.allow_tf32,
-            },  # fmt: skip
+            },
             "peak_tflops": args.peak_tflops,
             "fp32_peak_tflops": args.fp32_peak_tflops,
             "argv": sys.argv[1:] if argv is None else argv,
@@ -677,9 +677,14 @@ class Check:
         return rows
 
     def learn(self, proc: subprocess.Popen, world: Path, t_world: float) -> None:
-        if proc.wait(timeout=max(1.0, self.left())):
+        try:
+            failed = proc.wait(timeout=max(1.0, self.left() - 30))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            failed = "still rendering"
+        if failed:
             tail = (world.parent / "world.log").read_text()[-400:]
-            self.add({"row": "GP-learn", "error": f"world rendering failed: {tail}"})
+            self.add({"row": "GP-learn", "error": f"world: {failed}, log ends: {tail}"})
             return
         manifest = json.loads((world / "manifest.json").read_text())
         self.report["meta"]["world"] = {
