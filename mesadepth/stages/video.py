@@ -15,7 +15,7 @@ motion of every target/reference pair is the true one from the scene's ``poses.t
 (camera-to-world, OpenCV axes, metres; :class:`~mesadepth.data.video.VideoSnippetDataset`'s
 ``motion``), in the PoseNet's convention (target -> reference, ``X_r = R X_t + t``), and the
 backward pair uses its exact inverse instead of a second prediction. No PoseNet is built (no
-parameters, no ``pose_net.*``), the ARN is off unless ``pose.rectify: on``, the loss terms are
+parameters, no ``pose_net.*``), the ARN is off unless ``pose.rectify: true``, the loss terms are
 unchanged, and the flip augmentation mirrors the motion with the images
 (:class:`~mesadepth.data.transforms.HorizontalFlip`; scale-crop and resize change K only).
 The translations are metric, so the DepthNet learns depth in metres, not up to scale.
@@ -288,11 +288,12 @@ class PoseConfig:
             "timestamp (mesadepth.data.video.poses_from_scannet/arkit/tum, write_poses)"
         },
     )
-    rectify: Literal["auto", "on", "off"] = field(
+    rectify: Literal["auto"] | bool = field(
         default="auto",
         metadata={
             "help": "v2's auto-rectify network (ARN): auto = on with the PoseNet (the "
-            "reference), off with known poses (they already hold the rotation); v3 has none"
+            "reference), off with known poses (they already hold the rotation); true/on or "
+            "false/off to choose; v3 has none"
         },
     )
     num_layers: int = field(default=18, metadata={"help": "ResNet depth (reference: 18)"})
@@ -521,9 +522,10 @@ def check_recipe(recipe: VideoRecipe) -> None:
         raise ConfigError(f"data.batch_size must be >= 1, got {recipe.data.batch_size}")
     if recipe.pose.width < 1:
         raise ConfigError(f"pose.width must be >= 1, got {recipe.pose.width}")
-    if recipe.version == "v3" and recipe.pose.rectify == "on":
+    if recipe.version == "v3" and recipe.pose.rectify is True:
         raise ConfigError(
-            "pose.rectify=on: SC-DepthV3 (version v3) has no auto-rectify network; use auto/off"
+            "pose.rectify=true: SC-DepthV3 (version v3) has no auto-rectify network; use auto "
+            "or false"
         )
     if not 0 < recipe.validation.min_depth < recipe.validation.max_depth:
         raise ConfigError("validation: need 0 < min_depth < max_depth")
@@ -540,7 +542,7 @@ def uses_rectify(recipe: VideoRecipe) -> bool:
         return False
     if recipe.pose.rectify == "auto":
         return uses_posenet(recipe)
-    return recipe.pose.rectify == "on"
+    return bool(recipe.pose.rectify)
 
 
 def _size(recipe: VideoRecipe) -> tuple[int, int]:
