@@ -189,6 +189,41 @@ def test_flip_conjugates_the_motion_and_scale_crop_leaves_it(tiny_world):
 # ----------------------------------------------------------------------------- learning
 
 
+@pytest.mark.slow
+def test_known_poses_learn_depth_where_the_posenet_gp_of_the_same_steps_does_not(
+    tiny_world, tmp_path
+):
+    """A learning check on the tiny world (2 training scenes, validated on the held-out one):
+    48 GP steps with the true motion lower the held-out AbsRel well below that of the
+    reference GP (PoseNet + ARN, from scratch) of the same 48 steps, which learns no motion in
+    such a budget (README, "GP on CPU") and stays at the constant map's error.
+
+    Measured (lr 1e-4, decoder.padding=zeros; seeds 0, 1, 2 as trainer.seed = data.seed, each
+    at torch threads 1 and 2 with equal results): known poses 0.1835, 0.1716, 0.2336; PoseNet
+    0.2813, 0.2827, 0.2793; constant map 0.2822. The smallest gap is 0.046, the largest posed
+    AbsRel 83 % of the constant map's.
+    """
+    common = ("optim.lr=1e-4", "optim.epochs=2", "optim.epoch_size=24", "decoder.padding=zeros")
+    posed = run_video(_recipe(tiny_world / "video", tmp_path / "posed", *common))
+    posenet = run_video(
+        _recipe(
+            tiny_world / "video",
+            tmp_path / "posenet",
+            *common,
+            "pose.source=posenet",
+            "validation.before_training=false",
+        )
+    )
+    assert posed["steps"] == posenet["steps"] == 48
+    assert (posed["pose_source"], posenet["pose_source"]) == ("poses", "posenet")
+    assert not posed["rectify"] and posenet["rectify"]
+    ours, theirs = posed["validation"]["abs_rel"], posenet["validation"]["abs_rel"]
+    constant = posed["baseline_constant_depth"]["abs_rel"]
+    assert ours < theirs - 0.025, (ours, theirs)
+    assert ours < 0.9 * constant, (ours, constant)
+    assert ours < 0.9 * posed["validation_start"]["abs_rel"]
+
+
 # ----------------------------------------------------------------------------- pose files
 
 
@@ -262,6 +297,16 @@ def test_known_poses_build_no_posenet_and_train_only_the_depthnet(tiny_world, tm
     assert all(p.grad is not None for p in module.parameters() if p.requires_grad)
     path = export_model(module, tmp_path / "gp.safetensors")
     assert {k.split(".")[0] for k in load_file(path)} == {"encoder", "depth_decoder"}
+    # Photo-mode validation warps with the val snippets' true motion; no PoseNet to score.
+    photo = _recipe(tiny_world / "video", tmp_path / "p", "validation.mode=photo")
+    dm = VideoDataModule(photo)
+    assert dm.pose_set is None
+    val = next(iter(torch.utils.data.DataLoader(dm.val_set, batch_size=2)))
+    module = VideoPretraining(photo)
+    values, n, _ = module.val_batch(val)
+    assert n == 2 and set(values) == {"val_loss", "photo"}
+    still, _, _ = module.val_batch({**val, "motion": torch.eye(4).expand_as(val["motion"])})
+    assert abs(values["photo"] - still["photo"]) > 1e-3  # the warp used the batch's motion
     # pose.rectify=on (YAML: true) keeps the ARN (its rotation is composed into the known motion).
     arn = VideoPretraining(_recipe(tiny_world / "video", tmp_path / "a", "pose.rectify=on"))
     assert arn.pose_net is None and arn.rectify_net is not None

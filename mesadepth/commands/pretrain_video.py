@@ -128,6 +128,10 @@ def _run(args: argparse.Namespace) -> int:
         f"{args.video_stage} pre-training ({recipe.version}): {metrics['steps']} steps in "
         f"{metrics['train_seconds']:.0f} s; weights in {Path(recipe.run_dir) / 'model.safetensors'}"
     )
+    if recipe.pose.source == "poses":
+        print("  motion from the known camera poses (poses.txt), not a PoseNet: depth in metres")
+    if metrics.get("skipped_train"):
+        print(f"  training data: {metrics['skipped_train']}")
     for term in end:
         if term in start:
             print(f"  {term:16s} {start[term]:.4f} -> {end[term]:.4f}")
