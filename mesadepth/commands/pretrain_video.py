@@ -15,6 +15,14 @@ _LAYOUT = (
     "  ROOT/training/<scene>/*.jpg, cam.txt   frames (time = sorted names) and 3x3 intrinsics\n"
     "  ROOT/training/<scene>/depth/*.png      val scenes: ground truth (m x 5000) -> depth-mode\n"
     "                                         validation (abs_rel, ...); without it: photometric\n"
+    "  ROOT/training/<scene>/poses.txt        optional known camera poses, one line per frame:\n"
+    "                                         12 numbers = top 3x4 of camera-to-world, OpenCV\n"
+    "                                         axes (x right, y down, z forward), metres\n\n"
+    "Known poses (pose.source=poses, not in SC-Depth): each pair's motion comes from poses.txt\n"
+    "instead of a PoseNet (none is built; the ARN is off unless pose.rectify=true), so depth is\n"
+    "learned in metres. ScanNet pose/*.txt: keep the top 3 rows; ARKit (OpenGL camera axes):\n"
+    "right-multiply by diag(1,-1,-1,1); TUM groundtruth.txt: quaternion to matrix, nearest\n"
+    "timestamp (mesadepth.data.video.poses_from_scannet / _arkit / _tum, write_poses).\n"
 )
 
 _GEOMETRIC = (
@@ -32,13 +40,14 @@ _GEOMETRIC = (
     "  mesadepth pretrain geometric --config configs/demo/geometric.yaml\n"
     "  mesadepth pretrain geometric --config configs/demo/geometric.yaml optim.epochs=2 \\\n"
     "      init=random run_dir=runs/demo/geometric_random\n"
+    "  mesadepth pretrain geometric --config configs/demo/geometric.yaml pose.source=poses\n"
     "  mesadepth pretrain geometric --config configs/paper/geometric.yaml \\\n"
     "      data.root=/data/nyu_sc init=runs/paper/masked/model.safetensors\n\n"
     "Writes RUN/config.yaml, RUN/model.safetensors (encoder.* for the next stage, plus\n"
-    "depth_decoder.*, pose_net.*, rectify_net.*), RUN/metrics.json (loss start/end per term,\n"
-    "validation of the final and the initial model and of a constant depth) and\n"
-    "RUN/figures/depth_preview.png. A run directory holding checkpoints/last.ckpt is resumed\n"
-    "(same batches and random draws); --restart starts over."
+    "depth_decoder.* and, when built, pose_net.* and rectify_net.*), RUN/metrics.json (loss\n"
+    "start/end per term, validation of the final and the initial model and of a constant\n"
+    "depth, the pose source) and RUN/figures/depth_preview.png. A run directory holding\n"
+    "checkpoints/last.ckpt is resumed (same batches and random draws); --restart starts over."
 )
 
 _SUPERVISED = (
@@ -119,6 +128,10 @@ def _run(args: argparse.Namespace) -> int:
         f"{args.video_stage} pre-training ({recipe.version}): {metrics['steps']} steps in "
         f"{metrics['train_seconds']:.0f} s; weights in {Path(recipe.run_dir) / 'model.safetensors'}"
     )
+    if recipe.pose.source == "poses":
+        print("  motion from the known camera poses (poses.txt), not a PoseNet: depth in metres")
+    if metrics.get("skipped_train"):
+        print(f"  training data: {metrics['skipped_train']}")
     for term in end:
         if term in start:
             print(f"  {term:16s} {start[term]:.4f} -> {end[term]:.4f}")

@@ -12,6 +12,10 @@ Keys (the sample-dict convention of :mod:`mesadepth.data`):
   with nearest-neighbour (never invents a value);
 - ``K`` is the 3x3 intrinsics of the arrays as they are now; every geometric transform updates
   it with the reference's rule (documented per transform);
+- ``motion`` (R, 4, 4), when present, holds rigid motions between the sample's cameras
+  (``X_b = R X_a + t``, OpenCV axes; known poses, not in the reference): the flip conjugates
+  them by diag(-1, 1, 1, 1) (:class:`HorizontalFlip`); scaling, cropping and resizing change
+  only K, so they leave them as they are;
 - everything else passes through untouched.
 
 The reference recognises a colour frame by its number of dimensions (a grayscale JPEG would be
@@ -50,6 +54,10 @@ MAP_KEYS = ("depth", "pseudo_depth", "labels", "edges")
 #: Colour keys: ``image`` is one array, ``refs`` a list of arrays.
 IMAGE_KEY = "image"
 REFS_KEY = "refs"
+#: Rigid motions between the sample's cameras (R, 4, 4); see the module docstring.
+MOTION_KEY = "motion"
+#: The mirror X -> -X of the camera frame that a left-right flip of the image shows.
+MIRROR_X = np.diag([-1.0, 1.0, 1.0, 1.0])
 
 #: SC-Depth's normalisation (spec 1.5 step 5): the same mean and std for R, G and B.
 SC_DEPTH_MEAN = (0.45, 0.45, 0.45)
@@ -253,7 +261,10 @@ class HorizontalFlip(SpatialTransform):
     ``cx_rule="exact"``: cx' = w - 1 - cx (the exact mirror about the integer pixel centres) and
     the skew K[0, 1] changes sign (the reference leaves it, as its K has no skew). fx, fy, cy are
     unchanged in both rules: the flipped image is that of a camera looking at the mirrored world
-    (X -> -X).
+    (X -> -X). Rigid motions under ``motion`` (``X_b = T X_a``) become ``M T M`` with
+    ``M = diag(-1, 1, 1, 1)`` (both cameras see the mirrored world): the rotation angles about
+    y and z and the x translation change sign. The mirror is exact with ``cx_rule="exact"``;
+    the reference rule leaves the one-pixel offset above.
 
     One number ``rng.random()`` is drawn per call, whether or not the sample is flipped, so the
     stream consumed does not depend on ``p``.
@@ -291,10 +302,23 @@ class HorizontalFlip(SpatialTransform):
                 K[0, 2] = w - 1 - K[0, 2]
                 K[0, 1] = -K[0, 1]
         _store_k(out, K)
+        if MOTION_KEY in sample:
+            out[MOTION_KEY] = _mirror_motion(sample[MOTION_KEY])
         return out
 
     def __repr__(self) -> str:
         return f"HorizontalFlip(p={self.p}, cx_rule={self.cx_rule!r})"
+
+
+def _mirror_motion(motion: Any) -> Any:
+    """``M T M`` for every (4, 4) ``T`` of ``motion`` (NumPy or torch, (..., 4, 4))."""
+    if isinstance(motion, torch.Tensor):
+        m = torch.as_tensor(MIRROR_X, dtype=motion.dtype, device=motion.device)
+        return m @ motion @ m
+    motion = np.asarray(motion)
+    if motion.shape[-2:] != (4, 4):
+        raise ValueError(f"{MOTION_KEY}: expected (..., 4, 4) rigid motions, found {motion.shape}")
+    return MIRROR_X @ motion @ MIRROR_X
 
 
 class RandomScaleCrop(SpatialTransform):
@@ -463,7 +487,8 @@ class ToTensor:
     ``depth`` / ``pseudo_depth``: (H, W) -> (1, H, W) float32, no scaling. ``mask_*``, ``labels``,
     ``edges``: (1, H, W); integer and bool maps keep their dtype (uint16 -> int32 and
     uint32 -> int64, which torch supports), float maps become float32. ``K`` -> (3, 3) float32
-    tensor. Entries that are already tensors and other keys pass through.
+    tensor; ``motion`` -> (R, 4, 4) float32 tensor. Entries that are already tensors and other
+    keys pass through.
     """
 
     def __call__(self, sample: Sample, rng: RngLike = None) -> Sample:
@@ -489,6 +514,8 @@ class ToTensor:
                     out[key] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)[None])
             elif key == "K":
                 out[key] = torch.as_tensor(np.asarray(val, dtype=np.float32).reshape(3, 3))
+            elif key == MOTION_KEY:
+                out[key] = torch.as_tensor(np.asarray(val, dtype=np.float32).reshape(-1, 4, 4))
         return out
 
     @staticmethod

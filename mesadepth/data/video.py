@@ -14,11 +14,17 @@ and pitfalls 8 (frame-index wrap-around), 10 (raw pseudo-depth), 18 (scene-list 
   training/<scene>/leres_depth/*.png   pseudo-depth, uint16, read raw (v3)
   training/<scene>/depth/*.png     ground truth, metres = value / 5000
   training/<scene>/poses.txt       OUR extra file: N lines of 12 numbers, the top 3x4 rows of
-                                   camera-to-world (row-major); SC-Depth ignores it
+                                   camera-to-world (row-major); SC-Depth ignores it; read by
+                                   validation.pose and by pose.source=poses (known-pose training)
   testing/color/*.jpg|*.png, testing/depth/*.png
 ```
 
 Frames, pseudo-depths and depths are paired by sorted order only, never by name (spec 1.1).
+
+Pose convention of ``poses.txt`` (not part of SC-Depth): camera-to-world, OpenCV camera axes
+(x right, y down, z forward), translations in metres, one line per ``*.jpg`` in sorted order.
+:func:`poses_from_scannet`, :func:`poses_from_arkit` and :func:`poses_from_tum` convert the
+common formats; :func:`write_poses` writes the file.
 Hidden files (names starting with ".", e.g. an interrupted atomic write) are never collected;
 the reference's ``*.jpg`` glob would collect them.
 """
@@ -55,6 +61,14 @@ DEPTH_SCALE = 5000.0
 PSEUDO_DEPTH_DIR = "leres_depth"
 FRAME_INDEX_FILE = "frame_index.txt"
 POSES_FILE = "poses.txt"
+_POSES_WHAT = (
+    "poses.txt (one line of 12 numbers per frame: the top 3x4 rows of camera-to-world, OpenCV "
+    "axes x right / y down / z forward, metres)"
+)
+_POSES_HINT = (
+    "known-pose training (pose.source=poses) and pose validation read it; convert ScanNet, "
+    "ARKit or TUM poses with mesadepth.data.video.poses_from_*, or use pose.source=posenet"
+)
 
 Sample = dict[str, Any]
 
@@ -119,8 +133,19 @@ def write_video_scene(
             )
     write_cam_txt(scene_dir / "cam.txt", K)
     if poses is not None:
-        lines = [" ".join(f"{v:.17g}" for v in p[:3].reshape(-1)) for p in poses]
-        atomic_write_text(scene_dir / POSES_FILE, "\n".join(lines) + "\n")
+        write_poses(scene_dir / POSES_FILE, poses)
+
+
+def write_poses(path: PathLike, poses: np.ndarray) -> None:
+    """Write ``poses.txt``: (N, 3|4, 4) camera-to-world -> N lines of the top 3x4 rows,
+    row-major, with 17 significant digits (they read back bit-exactly); written atomically."""
+    poses = np.asarray(poses, dtype=np.float64)
+    if poses.ndim != 3 or poses.shape[1:] not in ((3, 4), (4, 4)) or not len(poses):
+        raise ValueError(f"write_poses: expected (N, 3|4, 4) poses, got {poses.shape}")
+    if not np.all(np.isfinite(poses)):
+        raise ValueError("write_poses: poses contain NaN/inf")
+    lines = [" ".join(f"{v:.17g}" for v in p[:3].reshape(-1)) for p in poses]
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def write_scene_list(path: PathLike, names: Sequence[str]) -> None:
@@ -172,6 +197,132 @@ def write_test_folder(
         write_png(
             testing_dir / "depth" / f"{i:05d}.png", encode_depth_png(depths_m[i], DEPTH_SCALE)
         )
+
+
+# ----------------------------------------------------------------------------- pose converters
+
+#: Right-multiplying a camera-to-world pose by this flips its camera's y and z axes: OpenGL /
+#: ARKit camera axes (x right, y up, z backward) <-> OpenCV's (x right, y down, z forward).
+OPENGL_TO_OPENCV = np.diag([1.0, -1.0, -1.0, 1.0])
+
+
+def _rigid(poses: np.ndarray, name: str) -> np.ndarray:
+    poses = np.asarray(poses, dtype=np.float64)
+    if poses.ndim != 3 or poses.shape[1:] not in ((3, 4), (4, 4)):
+        raise ValueError(f"{name}: expected (N, 3|4, 4) poses, got {poses.shape}")
+    out = np.tile(np.eye(4), (len(poses), 1, 1))
+    out[:, :3] = poses[:, :3]
+    return out
+
+
+def poses_from_scannet(files: Sequence[PathLike]) -> np.ndarray:
+    """ScanNet ``pose/<frame>.txt`` files -> (N, 4, 4) camera-to-world for :func:`write_poses`.
+
+    Each file holds a 4x4 camera-to-world matrix (OpenCV camera axes, metres): the top 3 rows
+    are what ``poses.txt`` stores, unchanged. ScanNet writes ``-inf`` where tracking was lost;
+    such a file (or one without 16 finite numbers) raises :class:`DataError` naming it: drop
+    those frames from the scene (frames and poses stay paired by sorted order).
+    """
+    out = []
+    for f in files:
+        rows = read_list_file(f, 4, "ScanNet pose (4 lines of 4 numbers: camera-to-world)")
+        try:
+            vals = np.array([float(x) for row in rows for x in row], dtype=np.float64)
+        except ValueError as exc:
+            raise DataError(f, f"non-numeric value: {exc}") from exc
+        if vals.size != 16:
+            raise DataError(f, f"expected 16 numbers (a 4x4 matrix), found {vals.size}")
+        if not np.all(np.isfinite(vals)):
+            raise DataError(f, "NaN/inf in pose (ScanNet marks lost tracking so): drop the frame")
+        out.append(vals.reshape(4, 4))
+    if not out:
+        raise ValueError("poses_from_scannet: no pose file given")
+    return _rigid(np.stack(out), "poses_from_scannet")
+
+
+def poses_from_arkit(cam_to_world_gl: np.ndarray) -> np.ndarray:
+    """ARKit camera transforms -> OpenCV-axes camera-to-world (N, 4, 4).
+
+    ARKit's ``ARCamera.transform`` is camera-to-world with the OpenGL camera axes (x right,
+    y up, z backward, metres); the camera axes change by a right-multiplication with
+    :data:`OPENGL_TO_OPENCV` = diag(1, -1, -1, 1) (the world frame is kept).
+    """
+    return _rigid(cam_to_world_gl, "poses_from_arkit") @ OPENGL_TO_OPENCV
+
+
+def quaternion_to_rotation(q: np.ndarray) -> np.ndarray:
+    """Unit quaternions (..., 4) in (qx, qy, qz, qw) order (TUM's) -> rotations (..., 3, 3).
+
+    The quaternion is normalised first (files store ~7 digits).
+    """
+    q = np.asarray(q, dtype=np.float64)
+    q = q / np.linalg.norm(q, axis=-1, keepdims=True)
+    x, y, z, w = np.moveaxis(q, -1, 0)
+    return np.stack(
+        [
+            np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
+            np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
+            np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
+        ],
+        -2,
+    )
+
+
+def poses_from_tum(
+    path: PathLike, frame_times: Sequence[float], max_dt: float = 0.02
+) -> np.ndarray:
+    """A TUM RGB-D trajectory -> the (N, 4, 4) camera-to-world pose of each frame time.
+
+    ``path``: lines ``timestamp tx ty tz qx qy qz qw`` (camera-to-world, the colour camera's
+    optical frame = OpenCV axes, metres; ``#`` lines are comments), e.g. ``groundtruth.txt``.
+    Each of ``frame_times`` (seconds, e.g. the rgb.txt timestamps of the frames kept) takes the
+    pose of the nearest timestamp, which must lie within ``max_dt`` seconds (TUM's
+    ``associate.py`` default 0.02); otherwise :class:`DataError` names the file and the frame.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(path, "TUM trajectory (timestamp tx ty tz qx qy qz qw per line)")
+    stamps, vals = [], []
+    for lineno, line in enumerate(path.read_text(encoding="ascii").splitlines(), start=1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) != 8:
+            raise DataError(
+                path,
+                f"line {lineno}: expected 8 numbers (timestamp tx ty tz qx qy qz qw), "
+                f"found {len(fields)}",
+            )
+        try:
+            row = [float(x) for x in fields]
+        except ValueError as exc:
+            raise DataError(path, f"line {lineno}: non-numeric value: {exc}") from exc
+        if not np.all(np.isfinite(row)) or not np.linalg.norm(row[4:]) > 0:
+            raise DataError(path, f"line {lineno}: NaN/inf or zero quaternion")
+        stamps.append(row[0])
+        vals.append(row[1:])
+    if not stamps:
+        raise DataError(path, "no pose line")
+    order = np.argsort(stamps, kind="stable")
+    t = np.asarray(stamps)[order]
+    v = np.asarray(vals)[order]
+    times = np.asarray(frame_times, dtype=np.float64)
+    # Nearest timestamp: the neighbour on either side of each frame time's insertion point.
+    right = np.clip(np.searchsorted(t, times), 0, len(t) - 1)
+    left = np.clip(right - 1, 0, len(t) - 1)
+    pick = np.where(np.abs(t[left] - times) <= np.abs(t[right] - times), left, right)
+    gap = np.abs(t[pick] - times)
+    if np.any(gap > max_dt):
+        j = int(np.argmax(gap > max_dt))
+        raise DataError(
+            path,
+            f"frame {j} (time {times[j]:.6f}) has no pose within max_dt={max_dt} s (nearest "
+            f"{t[pick[j]]:.6f})",
+        )
+    out = np.tile(np.eye(4), (len(times), 1, 1))
+    out[:, :3, :3] = quaternion_to_rotation(v[pick, 3:])
+    out[:, :3, 3] = v[pick, :3]
+    return out
 
 
 # ----------------------------------------------------------------------------- readers
@@ -278,8 +429,10 @@ class VideoScene:
     ``frame_index.txt`` when ``use_frame_index``); ``frames``: the kept files. Every per-frame
     accessor (:meth:`frame`, :meth:`pseudo_depth`, :meth:`depth`, :meth:`poses`) is indexed by
     position in ``frames``. Construction reads ``cam.txt`` (:class:`MissingFileError` if absent,
-    :class:`DataError` if not a 3x3 intrinsics matrix) and, when ``pseudo_depth`` names a folder,
-    checks that it holds exactly one PNG per ``*.jpg`` (spec 1.4).
+    :class:`DataError` if not a 3x3 intrinsics matrix), when ``pseudo_depth`` names a folder,
+    checks that it holds exactly one PNG per ``*.jpg`` (spec 1.4), and with ``poses`` reads
+    ``poses.txt`` into ``cam_to_world`` (:meth:`poses` with the rotation check), so a bad pose
+    file fails when the dataset opens, not mid-epoch.
     """
 
     def __init__(
@@ -287,6 +440,7 @@ class VideoScene:
         path: PathLike,
         pseudo_depth: str | None = None,
         use_frame_index: bool = False,
+        poses: bool = False,
     ) -> None:
         self.path = Path(path)
         self.name = self.path.name
@@ -316,6 +470,7 @@ class VideoScene:
                 )
             self.pseudo_depth_files = [pngs[j] for j in self.frame_ids]
         self._depth_files: list[Path] | None = None
+        self.cam_to_world = self.poses(check_rotation=True) if poses else None
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -352,26 +507,68 @@ class VideoScene:
         """Ground-truth depth of frame ``i`` in metres (PNG value / 5000), float32."""
         return read_depth_png(self.depth_files()[i], DEPTH_SCALE, "16-bit depth PNG (m x 5000)")
 
-    def poses(self) -> np.ndarray:
-        """Camera-to-world poses from ``poses.txt`` as (len(self), 4, 4) float64."""
+    def poses(self, check_rotation: bool = False) -> np.ndarray:
+        """Camera-to-world poses from ``poses.txt`` as (len(self), 4, 4) float64.
+
+        One line of 12 numbers per ``*.jpg`` (all of them, before the frame_index filter):
+        the top 3x4 rows of camera-to-world, OpenCV axes, metres (module docstring). A missing
+        file, fewer or more lines than frames, or a line without exactly 12 finite numbers
+        raise :class:`DataError` naming the file (hence the scene) and the line; so does, with
+        ``check_rotation``, a 3x3 block that is not a rotation (|R R^T - I| > 1e-3 or det < 0).
+        """
         path = self.path / POSES_FILE
-        rows = read_list_file(path, 12, "poses.txt (12 numbers per frame: top 3x4 of cam-to-world)")
-        if len(rows) != len(self.all_frames):
-            raise DataError(
-                path, f"found {len(rows)} pose(s) for {len(self.all_frames)} *.jpg frame(s)"
-            )
-        out = np.zeros((len(rows), 4, 4), dtype=np.float64)
+        if not path.is_file():
+            raise MissingFileError(path, _POSES_WHAT, _POSES_HINT)
+        try:
+            text = path.read_text(encoding="ascii")
+        except UnicodeDecodeError as exc:
+            raise DataError(path, f"expected an ASCII {_POSES_WHAT}: {exc}") from exc
+        n = len(self.all_frames)
+        out = np.zeros((n, 4, 4), dtype=np.float64)
         out[:, 3, 3] = 1.0
-        for lineno, row in enumerate(rows, start=1):
-            if len(row) != 12:
-                raise DataError(path, f"line {lineno}: expected 12 numbers, found {len(row)}")
+        count = 0
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            fields = line.split()
+            if not fields:
+                continue  # blank lines (a trailing one, say) carry no pose
+            if count == n:
+                raise DataError(
+                    path,
+                    f"line {lineno}: pose {count + 1}, but the scene has {n} *.jpg frame(s); "
+                    "expected exactly one pose line per frame",
+                )
+            if len(fields) != 12:
+                raise DataError(
+                    path,
+                    f"line {lineno}: expected 12 numbers (top 3x4 rows of camera-to-world), "
+                    f"found {len(fields)}",
+                )
             try:
-                vals = np.array(row, dtype=np.float64)
+                vals = np.array([float(f) for f in fields], dtype=np.float64)
             except ValueError as exc:
                 raise DataError(path, f"line {lineno}: non-numeric value: {exc}") from exc
             if not np.all(np.isfinite(vals)):
-                raise DataError(path, f"line {lineno}: NaN/inf in pose")
-            out[lineno - 1, :3] = vals.reshape(3, 4)
+                raise DataError(
+                    path,
+                    f"line {lineno}: NaN/inf in pose (ScanNet marks lost tracking with -inf: "
+                    "drop those frames or fill their poses)",
+                )
+            rot = vals.reshape(3, 4)[:, :3]
+            bad = np.abs(rot @ rot.T - np.eye(3)).max() > 1e-3 or np.linalg.det(rot) < 0
+            if check_rotation and bad:
+                raise DataError(
+                    path,
+                    f"line {lineno}: the 3x3 block is not a rotation (R R^T != I or det < 0); "
+                    "expected camera-to-world with unscaled, right-handed axes",
+                )
+            out[count, :3] = vals.reshape(3, 4)
+            count += 1
+        if count < n:
+            raise DataError(
+                path,
+                f"{count} pose line(s) for {n} *.jpg frame(s): line {count + 1} (the pose of "
+                f"{self.all_frames[count].name}) and after are missing; expected one line per frame",
+            )
         return out[self.frame_ids]
 
 
@@ -463,14 +660,18 @@ class VideoSnippetDataset(_SceneDataset):
 
     Sample: ``image`` (H, W, 3) uint8 target, ``refs`` [ref arrays] in offset order, ``K``
     (3, 3) float32, ``pseudo_depth`` (H, W) float32 raw (when ``pseudo_depth`` names a folder),
-    ``scene``, ``index`` (the target's position among the scene's sorted ``*.jpg``, i.e. before
-    the frame_index filter), ``ref_indices`` (same numbering), ``name`` (``scene/file stem``).
+    ``motion`` (R, 4, 4) float64 (with ``poses``: the true target -> reference motion of each
+    reference from ``poses.txt``, ``X_r = R X_t + t`` in metres, what PoseNet(I_t, I_r)
+    predicts; :func:`mesadepth.geometry.relative_pose`), ``scene``, ``index`` (the target's
+    position among the scene's sorted ``*.jpg``, i.e. before the frame_index filter),
+    ``ref_indices`` (same numbering), ``name`` (``scene/file stem``).
 
     ``transform`` is called once per sample as ``transform(sample, rng)`` (or ``transform(sample)``
     if it takes one argument), so all frames share its draws; ``rng`` comes from
     :meth:`rng_for` (seed, epoch, index). With ``on_error="skip"`` an unreadable snippet is
     replaced by the next one (wrapping around) and counted in ``self.bad``; scenes that cannot
-    be opened are dropped and counted.
+    be opened (with ``poses``: also those whose ``poses.txt`` is missing or malformed) are
+    dropped and counted.
     """
 
     def __init__(
@@ -484,13 +685,17 @@ class VideoSnippetDataset(_SceneDataset):
         transform: Callable[..., Sample] | None = None,
         on_error: str = "raise",
         seed: int = 0,
+        poses: bool = False,
     ) -> None:
         super().__init__(root, split, transform, on_error, seed)
         self.sequence_length = sequence_length
         self.skip_frames = skip_frames
         self.use_pseudo_depth = pseudo_depth is not None
+        self.use_poses = poses
         snippet_indices(sequence_length + 1, sequence_length, skip_frames)  # validates L and k
-        self.scenes = self._open_scenes(pseudo_depth=pseudo_depth, use_frame_index=use_frame_index)
+        self.scenes = self._open_scenes(
+            pseudo_depth=pseudo_depth, use_frame_index=use_frame_index, poses=poses
+        )
         self.samples: list[tuple[int, int, list[int]]] = []
         for s, scene in enumerate(self.scenes):
             for target, refs in snippet_indices(len(scene), sequence_length, skip_frames):
@@ -535,6 +740,11 @@ class VideoSnippetDataset(_SceneDataset):
                     f"pseudo-depth is {pd.shape}, expected the frame's size {image.shape[:2]}",
                 )
             sample["pseudo_depth"] = pd
+        if self.use_poses:
+            cams = scene.cam_to_world
+            assert cams is not None
+            # relative_pose: inv(cam_to_world_ref) @ cam_to_world_target, in float64.
+            sample["motion"] = np.stack([np.linalg.inv(cams[r]) @ cams[target] for r in refs])
         return sample
 
 
@@ -747,6 +957,8 @@ def generate_all_frame_indices(root: PathLike, **kwargs: Any) -> dict[str, list[
 
 __all__ = [
     "DEPTH_SCALE",
+    "OPENGL_TO_OPENCV",
+    "POSES_FILE",
     "PSEUDO_DEPTH_DIR",
     "VideoDepthDataset",
     "VideoScene",
@@ -755,6 +967,10 @@ __all__ = [
     "changed_fraction",
     "generate_all_frame_indices",
     "generate_frame_index",
+    "poses_from_arkit",
+    "poses_from_scannet",
+    "poses_from_tum",
+    "quaternion_to_rotation",
     "read_frame_index",
     "read_scene_list",
     "rgb_to_gray_cv",
@@ -762,5 +978,6 @@ __all__ = [
     "snippet_indices",
     "write_scene_list",
     "write_test_folder",
+    "write_poses",
     "write_video_scene",
 ]

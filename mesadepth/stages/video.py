@@ -8,14 +8,26 @@ transforms, loaders, validation modes, NYU), 4.10 (weights), 5 (optimisation and
 ``mesadepth pretrain geometric`` (``version: v2``) and ``mesadepth pretrain supervised``
 (``version: v3``) train one :class:`VideoPretraining` module: a DepthNet (the shared Swin-v2
 encoder + the SC-Depth "DispNet" decoder), a ResNet PoseNet and, for v2 only, the auto-rectify
-network (ARN). The run directory holds:
+network (ARN).
+
+Known camera poses (``pose.source: poses``, not in SC-Depth, which cannot use them): the
+motion of every target/reference pair is the true one from the scene's ``poses.txt``
+(camera-to-world, OpenCV axes, metres; :class:`~mesadepth.data.video.VideoSnippetDataset`'s
+``motion``), in the PoseNet's convention (target -> reference, ``X_r = R X_t + t``), and the
+backward pair uses its exact inverse instead of a second prediction. No PoseNet is built (no
+parameters, no ``pose_net.*``), the ARN is off unless ``pose.rectify: true``, the loss terms are
+unchanged, and the flip augmentation mirrors the motion with the images
+(:class:`~mesadepth.data.transforms.HorizontalFlip`; scale-crop and resize change K only).
+The translations are metric, so the DepthNet learns depth in metres, not up to scale.
+The run directory holds:
 
 - ``config.yaml``, ``checkpoints/last.ckpt`` (resume), ``logs/`` (TensorBoard);
 - ``model.safetensors``: ``encoder.*`` (the hand-off to the next stage, :func:`save_encoder`
-  format) plus ``depth_decoder.*``, ``pose_net.*`` and (v2) ``rectify_net.*``, so SP can
-  continue GP's decoder and PoseNet as MeSa does (``init=<GP run>/model.safetensors``);
+  format) plus ``depth_decoder.*``, ``pose_net.*`` (PoseNet runs) and (with the ARN)
+  ``rectify_net.*``, so SP can continue GP's decoder and PoseNet as MeSa does
+  (``init=<GP run>/model.safetensors``);
 - ``metrics.json``: loss start/end per term, validation of the final model, of the model before
-  training and of a constant-depth baseline, what the init loaded;
+  training and of a constant-depth baseline, what the init loaded, ``pose_source``;
 - ``figures/depth_preview.png``: validation frames, predicted depth and ground truth.
 
 Logged scalars (spec 5) are ``train/<term>`` with this project's term names: ``photo``,
@@ -87,6 +99,7 @@ from mesadepth.errors import ConfigError, DataError, MissingFileError
 from mesadepth.evaluation.metrics import SCALED_METRICS, median_scaled_metrics
 from mesadepth.geometry import (
     euler_to_rotation,
+    invert_pose,
     pair_translation_cos,
     pose_errors,
     pose_vec_to_mat,
@@ -246,8 +259,33 @@ class DecoderConfig:
 
 @dataclass
 class PoseConfig:
-    """PoseNet and ARN: 6-channel ResNets on two stacked frames (spec 2.1, 2.3, 2.4)."""
+    """Where the motion comes from, PoseNet and ARN (spec 2.1, 2.3, 2.4).
 
+    ``source: poses`` (not in SC-Depth, which cannot use known poses) replaces the PoseNet by
+    the true motion from each scene's ``poses.txt``; the remaining keys then describe the ARN
+    only (when ``rectify`` turns it on).
+    """
+
+    source: Literal["posenet", "poses"] = field(
+        default="posenet",
+        metadata={
+            "help": "posenet = the reference: a PoseNet predicts each pair's motion; poses = "
+            "known camera poses from <scene>/poses.txt (no PoseNet is built): one line per "
+            "frame of 12 numbers, the top 3x4 rows of camera-to-world, OpenCV camera axes (x "
+            "right, y down, z forward), metres -- so depth is learned in metres. ScanNet "
+            "pose/*.txt: take the top 3 rows; ARKit (OpenGL axes, y up, z back): right-multiply "
+            "by diag(1,-1,-1,1); TUM (t q per timestamp): quaternion to matrix, nearest "
+            "timestamp (mesadepth.data.video.poses_from_scannet/arkit/tum, write_poses)"
+        },
+    )
+    rectify: Literal["auto"] | bool = field(
+        default="auto",
+        metadata={
+            "help": "v2's auto-rectify network (ARN): auto = on with the PoseNet (the "
+            "reference), off with known poses (they already hold the rotation); true/on or "
+            "false/off to choose; v3 has none"
+        },
+    )
     num_layers: int = field(default=18, metadata={"help": "ResNet depth (reference: 18)"})
     width: int = field(
         default=64,
@@ -474,8 +512,27 @@ def check_recipe(recipe: VideoRecipe) -> None:
         raise ConfigError(f"data.batch_size must be >= 1, got {recipe.data.batch_size}")
     if recipe.pose.width < 1:
         raise ConfigError(f"pose.width must be >= 1, got {recipe.pose.width}")
+    if recipe.version == "v3" and recipe.pose.rectify is True:
+        raise ConfigError(
+            "pose.rectify=true: SC-DepthV3 (version v3) has no auto-rectify network; use auto "
+            "or false"
+        )
     if not 0 < recipe.validation.min_depth < recipe.validation.max_depth:
         raise ConfigError("validation: need 0 < min_depth < max_depth")
+
+
+def uses_posenet(recipe: VideoRecipe) -> bool:
+    """Whether the recipe predicts motion with a PoseNet (``pose.source: posenet``)."""
+    return recipe.pose.source == "posenet"
+
+
+def uses_rectify(recipe: VideoRecipe) -> bool:
+    """Whether the recipe builds the ARN: v2 only; ``pose.rectify`` auto = with the PoseNet."""
+    if recipe.version != "v2":
+        return False
+    if recipe.pose.rectify == "auto":
+        return uses_posenet(recipe)
+    return bool(recipe.pose.rectify)
 
 
 def _size(recipe: VideoRecipe) -> tuple[int, int]:
@@ -700,7 +757,7 @@ def train_transforms(recipe: VideoRecipe) -> Compose:
     return Compose([*geometric, ToTensor(), Normalize(SC_DEPTH_MEAN, SC_DEPTH_STD)])
 
 
-_BATCH_KEYS = ("image", "refs", "K", "pseudo_depth", "depth", "name")
+_BATCH_KEYS = ("image", "refs", "K", "pseudo_depth", "depth", "motion", "name")
 
 
 class _Snippets(Dataset):
@@ -756,9 +813,10 @@ def resolve_val_mode(recipe: VideoRecipe) -> Literal["depth", "photo", "none"]:
 
 
 def resolve_pose_val(recipe: VideoRecipe) -> bool:
-    """Whether validation also scores the PoseNet (``validation.pose``) against poses.txt."""
+    """Whether validation also scores the PoseNet (``validation.pose``) against poses.txt
+    (never with ``pose.source: poses``: there is no PoseNet)."""
     want = recipe.validation.pose
-    if want == "never" or resolve_val_mode(recipe) == "none":
+    if want == "never" or not uses_posenet(recipe) or resolve_val_mode(recipe) == "none":
         return False
     val_list = Path(recipe.data.root) / "training" / "val.txt"
     missing = [
@@ -824,6 +882,7 @@ class VideoDataModule(L.LightningDataModule):
             pseudo_depth=d.pseudo_depth if recipe.version == "v3" else None,
             on_error=d.on_error,
             seed=d.seed,
+            poses=not uses_posenet(recipe),
         )
         self.train_set = _Snippets(self.base, train_transforms(recipe), d.seed)
         self.val_mode = resolve_val_mode(recipe)
@@ -857,6 +916,7 @@ class VideoDataModule(L.LightningDataModule):
                 skip_frames=d.skip_frames,
                 transform=sc_depth_eval_transforms(size, full_resolution=()),
                 on_error=d.on_error,
+                poses=not uses_posenet(self.recipe),
             )
             n = min(len(snippets), self.recipe.validation.max_photo_batches * d.batch_size)
             return _Batchable(Subset(snippets, range(n)))
@@ -970,8 +1030,9 @@ class VideoPretraining(L.LightningModule):
         self.save_hyperparameters({"recipe": asdict(recipe)})
         self.version: Version = recipe.version
         self.depth_net, self.init_info = build_depth_net(recipe)
-        self.pose_net = build_pair_net("pose", recipe.pose)
-        self.rectify_net = build_pair_net("rectify", recipe.pose) if self.version == "v2" else None
+        # Known poses (pose.source: poses) replace the PoseNet: no parameters, nothing exported.
+        self.pose_net = build_pair_net("pose", recipe.pose) if uses_posenet(recipe) else None
+        self.rectify_net = build_pair_net("rectify", recipe.pose) if uses_rectify(recipe) else None
         if self.init_info["kind"] == "stage":
             self._continue_stage(Path(recipe.init))
         elif self.init_info["kind"] == "sc_depth":
@@ -1001,7 +1062,12 @@ class VideoPretraining(L.LightningModule):
                 "that run"
             )
         pose_scale = (meta.get("pose") or {}).get("scale", POSE_SCALE)
-        if not math.isclose(pose_scale, self.recipe.pose.scale):
+        has_pose = bool(load_tensors_keys(path, "pose_net."))
+        if (
+            has_pose
+            and self.pose_net is not None
+            and not math.isclose(pose_scale, self.recipe.pose.scale)
+        ):
             raise ConfigError(
                 f"{path}: its PoseNet was trained with pose.scale={pose_scale}, this recipe has "
                 f"pose.scale={self.recipe.pose.scale}; set it like that run"
@@ -1014,10 +1080,12 @@ class VideoPretraining(L.LightningModule):
             "this DispNet decoder (set decoder.* like the run that wrote the file)",
         )
         loaded.append("depth_decoder")
-        pose = load_tensors(path, "pose_net.")
-        if pose:
+        if has_pose and self.pose_net is not None:
+            pose = load_tensors(path, "pose_net.")
             load_strict(self.pose_net, pose, path, "this PoseNet (set pose.* like that run)")
             loaded.append("pose_net")
+        elif has_pose:
+            ignored.append("pose_net")  # pose.source: poses needs none
         rect = load_tensors(path, "rectify_net.")
         if rect and self.rectify_net is not None:
             load_strict(self.rectify_net, rect, path, "this ARN (set pose.* like that run)")
@@ -1110,9 +1178,59 @@ class VideoPretraining(L.LightningModule):
         r1 = self.rectify_net(tgt, ref)
         return rotation_warp(ref, r1, K, convention=self.recipe.loss.convention), r1
 
-    def v2_terms(self, tgt: Tensor, refs: Sequence[Tensor], K: Tensor) -> dict[str, Tensor]:
-        """Spec 0 v2 / 4.5: rectify each reference with the ARN, then the SC-DepthV2 losses."""
-        assert self.rectify_net is not None
+    def motions(
+        self,
+        tgt: Tensor,
+        refs: Sequence[Tensor],
+        motion: Tensor | None,
+        turns: Sequence[Tensor] | None = None,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """The target -> reference motions T_j and their backward partners T_j^inv (spec 3.4).
+
+        PoseNet: ``PoseNet(I_t, I_rj)`` and ``PoseNet(I_rj, I_t)`` (B, 6), as the reference.
+        Known poses (``motion`` (B, R, 4, 4) from the batch, metres): ``T_j`` and its exact
+        inverse; references rectified by the ARN (``turns`` = R(r1_j)) show camera r_j turned
+        by R(r1_j) (``X_r = R(r1) X_rect``), so their motion is ``R(r1)^T T_j``.
+        """
+        if self.pose_net is not None:
+            return [self.pose_net(tgt, r) for r in refs], [self.pose_net(r, tgt) for r in refs]
+        if motion is None:
+            raise ConfigError(
+                "pose.source=poses needs the true motion in the batch ('motion': the dataset "
+                "reads it from poses.txt)"
+            )
+        if motion.shape[1] != len(refs):
+            raise ConfigError(f"motion holds {motion.shape[1]} poses for {len(refs)} references")
+        fwd = [motion[:, j].to(tgt.dtype) for j in range(len(refs))]
+        if turns is not None:
+            fwd = [
+                torch.cat([turn.transpose(-1, -2) @ m[:, :3], m[:, 3:]], 1)
+                for turn, m in zip(turns, fwd, strict=True)
+            ]
+        return fwd, [invert_pose(m) for m in fwd]
+
+    def v2_terms(
+        self, tgt: Tensor, refs: Sequence[Tensor], K: Tensor, motion: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Spec 0 v2 / 4.5: rectify each reference with the ARN, then the SC-DepthV2 losses.
+
+        Without the ARN (``pose.rectify``) the references stay raw and the ARN terms are
+        absent: photometric, geometry and smoothness only (SC-DepthV1's set).
+        """
+        if self.rectify_net is None:
+            depths = self.depths([tgt, *refs])
+            poses, poses_inv = self.motions(tgt, refs, motion)
+            return sc_depth_v2_losses(
+                tgt,
+                refs,
+                depths[0],
+                depths[1:],
+                K,
+                poses,
+                poses_inv,
+                weights=self.loss_weights(),
+                **self._loss_options(),
+            )
         conv = self.recipe.loss.convention
         gen = self._generator(tgt.device, "rot_target")
         tgt_depth = self.depths([tgt])[0]
@@ -1128,8 +1246,8 @@ class VideoPretraining(L.LightningModule):
             r3s.append(r3)
             gs.append(g)
         ref_depths = self.depths(rect)
-        poses = [self.pose_net(tgt, r) for r in rect]
-        poses_inv = [self.pose_net(r, tgt) for r in rect]
+        turns = None if self.pose_net is not None else [euler_to_rotation(r) for r in r1s]
+        poses, poses_inv = self.motions(tgt, rect, motion, turns)
         return sc_depth_v2_losses(
             tgt,
             rect,
@@ -1147,12 +1265,16 @@ class VideoPretraining(L.LightningModule):
         )
 
     def v3_terms(
-        self, tgt: Tensor, refs: Sequence[Tensor], K: Tensor, pseudo_depth: Tensor
+        self,
+        tgt: Tensor,
+        refs: Sequence[Tensor],
+        K: Tensor,
+        pseudo_depth: Tensor,
+        motion: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Spec 0 v3: raw references (no ARN), SC-DepthV3 losses with the pseudo-depth."""
         depths = self.depths([tgt, *refs])
-        poses = [self.pose_net(tgt, r) for r in refs]
-        poses_inv = [self.pose_net(r, tgt) for r in refs]
+        poses, poses_inv = self.motions(tgt, refs, motion)
         # A CPU generator draws the same ranking pairs on CPU and GPU (losses/supervised.py).
         gen = self._generator(torch.device("cpu"), "ranking")
         lo = self.recipe.loss
@@ -1175,11 +1297,12 @@ class VideoPretraining(L.LightningModule):
     def step_terms(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """All loss terms of one training batch (``total`` included)."""
         tgt, refs, K = batch["image"], list(batch["refs"]), batch["K"]
+        motion = batch.get("motion")
         if self.version == "v2":
-            return self.v2_terms(tgt, refs, K)
+            return self.v2_terms(tgt, refs, K, motion)
         if "pseudo_depth" not in batch:
             raise ConfigError("version v3 needs pseudo-depth in the batch (data.pseudo_depth)")
-        return self.v3_terms(tgt, refs, K, batch["pseudo_depth"])
+        return self.v3_terms(tgt, refs, K, batch["pseudo_depth"], motion)
 
     # -- training --------------------------------------------------------------------------------
 
@@ -1272,17 +1395,20 @@ class VideoPretraining(L.LightningModule):
                 )
             return values, n, base
         tgt, refs, K = batch["image"], list(batch["refs"]), batch["K"]
+        turns = None
         if self.rectify_net is not None:
             # v2 photo-mode validation: references rectified with r1 only (spec 1.7).
-            refs = [self.rectify(tgt, r, K)[0] for r in refs]
+            rectified = [self.rectify(tgt, r, K) for r in refs]
+            refs = [r for r, _ in rectified]
+            if self.pose_net is None:
+                turns = [euler_to_rotation(r1) for _, r1 in rectified]
         depths = self.depths([tgt, *refs])
-        poses = [self.pose_net(tgt, r) for r in refs]
-        poses_inv = [self.pose_net(r, tgt) for r in refs]
+        poses, poses_inv = self.motions(tgt, refs, batch.get("motion"), turns)
         pg = photo_and_geometry_loss(
             tgt, refs, depths[0], depths[1:], K, poses, poses_inv, **self._loss_options()
         )
         values = {"val_loss": float(pg.photo), "photo": float(pg.photo)}
-        if len(poses) > 1:
+        if len(poses) > 1 and self.pose_net is not None:
             pair = pair_translation_cos(poses[0][:, :3].float(), poses[-1][:, :3].float())
             values["pose_pair_cos"] = float(pair.nanmean())
         return values, tgt.shape[0], None
@@ -1297,6 +1423,8 @@ class VideoPretraining(L.LightningModule):
         :func:`~mesadepth.geometry.pose_errors`), means over pairs; ``pose_pair_cos`` (see
         :func:`~mesadepth.geometry.pair_translation_cos`), the mean over snippets.
         """
+        if self.pose_net is None:
+            raise ConfigError("pose validation scores a PoseNet; pose.source=poses has none")
         tgt, K, gt = batch["image"], batch["K"], batch["gt_pose"]
         errs, motions = [], []
         for j, ref in enumerate(batch["refs"]):
@@ -1468,6 +1596,7 @@ def export_model(module: VideoPretraining, path: Path) -> Path:
         "version": r.version,
         "depth_net": module.depth_net.config,
         "pose": asdict(r.pose),
+        "pose_source": r.pose.source,
         "size": list(_size(r)),
     }
     return save_encoder(module.depth_net.encoder, path, extra=extra, metadata=meta)  # type: ignore[arg-type]
@@ -1529,8 +1658,13 @@ def run_video(
             "train_seconds": round(seconds, 2),
             "snippets": len(datamodule.train_set),
             "validation_mode": datamodule.val_mode,
+            "pose_source": recipe.pose.source,
+            "rectify": module.rectify_net is not None,
             "init": module.init_info,
         }
+        if datamodule.base.bad.total:
+            # Scenes dropped when the data opened (data.on_error=skip), e.g. without poses.txt.
+            metrics["skipped_train"] = datamodule.base.bad.summary()
         if module.last_validation is not None:
             val = {k: v for k, v in module.last_validation.items() if k != "step"}
             metrics["validation"] = val
