@@ -106,6 +106,21 @@ def _check_map(name: str, x: torch.Tensor, channels: int | tuple[int, ...] | Non
         raise ConfigError(f"{name} must be (B, {c}, H, W), got {tuple(x.shape)}")
 
 
+def _take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[index]`` along dim 0 with a run-to-run reproducible gradient.
+
+    On CPU the backward of advanced indexing (``index_put_`` with accumulate) adds float32
+    gradients with parallel atomic adds once there are >= 32768 elements and more than one
+    thread, so repeated pairs sum in a thread-timing-dependent order and two identical runs
+    drift apart (measured: the v3 stage's losses differed in the 5th digit within one epoch).
+    ``index_select``'s backward (``index_add_``) adds in index order there: the same values, the
+    same gradient with one thread, and the same gradient on every run with any thread count.
+    On CUDA it is the other way round (``index_add_`` uses atomics, advanced indexing sorts the
+    indices), so CUDA keeps advanced indexing.
+    """
+    return x.index_select(0, index) if x.device.type == "cpu" else x[index]
+
+
 def _draw_device(generator: torch.Generator | None) -> torch.device:
     # The reference draws on the CPU default generator whatever the data's device.
     return generator.device if generator is not None else torch.device("cpu")
@@ -364,7 +379,8 @@ def ranking_loss(
     for p in pairs:
         keep = p.label != 0
         t = p.label[keep].to(flat.dtype)
-        total = total + logistic(-t * (flat[p.a[keep]] - flat[p.b[keep]])).sum()
+        diff = _take_rows(flat, p.a[keep]) - _take_rows(flat, p.b[keep])
+        total = total + logistic(-t * diff).sum()
         count = count + keep.sum()
     if numerics == "reference":
         return total / count
@@ -558,16 +574,17 @@ def pair_normal_terms(
         (M,) float64 terms (gradient flows to ``pred_normals``).
     """
     b_, c, h, w = pred_normals.shape
-    nt = pred_normals.reshape(b_, c, h * w)
-    npd = pseudo_normals.reshape(b_, c, h * w)
+    base = image * (h * w)
+    rows_a, rows_b = base + a, base + b
 
     def cosine(n: torch.Tensor) -> torch.Tensor:
         # Gather (M, 3) first, then widen: same values as widening the whole map, less memory.
-        na = n[image, :, a].to(torch.float64)
-        nb = n[image, :, b].to(torch.float64)
+        flat = n.reshape(b_, c, h * w).transpose(1, 2).reshape(b_ * h * w, c)
+        na = _take_rows(flat, rows_a).to(torch.float64)
+        nb = _take_rows(flat, rows_b).to(torch.float64)
         return (na * nb).sum(-1).abs()
 
-    c_pred, c_gt = cosine(nt), cosine(npd)
+    c_pred, c_gt = cosine(pred_normals), cosine(pseudo_normals)
     return (c_gt - c_pred).abs()
 
 
