@@ -32,6 +32,11 @@ Reference bugs and quirks, reproduced by default (pitfalls 11, 12, 23):
   here); an all-zero edge map makes every pixel an anchor (and a map that is zero up to
   ~1e-16 convolution residues puts its anchors on the residues); the sampling direction folds
   the gradient's sign away (kept).
+
+Not in the reference: ``ranking_depth="mean"`` lets L_mr compare depth divided by its per-image
+mean instead of raw depth, so that no v3 term pays for rescaling or stretching the prediction
+(:func:`ranking_depth`). Pair gathers use ``index_select`` on CPU so that a run repeats bit for
+bit with any thread count (:func:`_take_rows`).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from mesadepth.losses.photometric import PairwiseMaps, photo_and_geometry_loss, 
 __all__ = [
     "V3_LOSS_WEIGHTS",
     "EdgePairs",
+    "RankingDepth",
     "RankingNumerics",
     "RankingPairs",
     "confident_ranking_loss",
@@ -69,6 +75,7 @@ __all__ = [
 ]
 
 RankingNumerics = Literal["reference", "safe"]
+RankingDepth = Literal["raw", "mean"]
 
 #: Loss weights of v3 (spec 4.10): only HEAD exists (v3 appeared in Nov 2022, after the last
 #: weight change). Keys are the reference's option names without ``_weight``.
@@ -104,6 +111,21 @@ def _check_map(name: str, x: torch.Tensor, channels: int | tuple[int, ...] | Non
     if x.ndim != 4 or (allowed is not None and x.shape[1] not in allowed):
         c = "C" if allowed is None else "|".join(map(str, allowed))
         raise ConfigError(f"{name} must be (B, {c}, H, W), got {tuple(x.shape)}")
+
+
+def _take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[index]`` along dim 0 with a run-to-run reproducible gradient.
+
+    On CPU the backward of advanced indexing (``index_put_`` with accumulate) adds float32
+    gradients with parallel atomic adds once there are >= 32768 elements and more than one
+    thread, so repeated pairs sum in a thread-timing-dependent order and two identical runs
+    drift apart (measured: the v3 stage's losses differed in the 5th digit within one epoch).
+    ``index_select``'s backward (``index_add_``) adds in index order there: the same values, the
+    same gradient with one thread, and the same gradient on every run with any thread count.
+    On CUDA it is the other way round (``index_add_`` uses atomics, advanced indexing sorts the
+    indices), so CUDA keeps advanced indexing.
+    """
+    return x.index_select(0, index) if x.device.type == "cpu" else x[index]
 
 
 def _draw_device(generator: torch.Generator | None) -> torch.device:
@@ -364,7 +386,8 @@ def ranking_loss(
     for p in pairs:
         keep = p.label != 0
         t = p.label[keep].to(flat.dtype)
-        total = total + logistic(-t * (flat[p.a[keep]] - flat[p.b[keep]])).sum()
+        diff = _take_rows(flat, p.a[keep]) - _take_rows(flat, p.b[keep])
+        total = total + logistic(-t * diff).sum()
         count = count + keep.sum()
     if numerics == "reference":
         return total / count
@@ -380,6 +403,7 @@ def confident_ranking_loss(
     theta: float = RANK_THETA,
     numerics: RankingNumerics = "reference",
     stable_sort: bool = False,
+    depth: RankingDepth = "raw",
 ) -> torch.Tensor:
     """L_mr, the confident depth ranking loss (spec 4.8).
 
@@ -396,6 +420,7 @@ def confident_ranking_loss(
         theta: label ratio margin (0.15).
         numerics: see :func:`ranking_loss`.
         stable_sort: see :func:`unreliable_mask`.
+        depth: what the logistic compares (:func:`ranking_depth`); ``"raw"`` = the reference.
 
     Returns:
         Scalar tensor in D_t's dtype.
@@ -410,7 +435,33 @@ def confident_ranking_loss(
     unreliable = unreliable_mask(dyn_mask, stable_sort=stable_sort)
     guided = mask_guided_pairs(pseudo, unreliable, generator=generator, theta=theta)
     rand_pairs = global_pairs(pseudo, generator=generator, theta=theta)
-    return ranking_loss(pred_depth, [guided, rand_pairs], numerics=numerics)
+    return ranking_loss(ranking_depth(pred_depth, depth), [guided, rand_pairs], numerics=numerics)
+
+
+def ranking_depth(pred_depth: torch.Tensor, mode: RankingDepth = "raw") -> torch.Tensor:
+    """The predicted depth as L_mr's logistic sees it.
+
+    ``"raw"``: D_t itself, the reference (spec 4.8 (d)). ``"mean"``: D_t divided by its
+    per-image mean (not detached), which makes L_mr invariant to the prediction's global scale,
+    as every other v3 term is. Not in the reference. Why: on raw depth the logistic
+    ``log(1 + exp(-t (D_a - D_b)))`` falls for correctly ordered pairs and rises for wrongly
+    labelled ones in proportion to the depth's scale, which no other v3 term constrains; where
+    the photometric terms hold no depth (a PoseNet that reads no motion) and the teacher's labels
+    are noisy, the DepthNet follows that pay-off and stretches its depth map until held-out depth
+    gets worse (README, "SP on CPU").
+
+    Args:
+        pred_depth: (B, 1, H, W) positive D_t.
+        mode: ``"raw"`` or ``"mean"``.
+
+    Returns:
+        (B, 1, H, W) tensor.
+    """
+    if mode == "raw":
+        return pred_depth
+    if mode == "mean":
+        return pred_depth / pred_depth.mean(dim=(1, 2, 3), keepdim=True)
+    raise ConfigError(f"ranking depth must be 'raw' or 'mean', got {mode!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -558,16 +609,17 @@ def pair_normal_terms(
         (M,) float64 terms (gradient flows to ``pred_normals``).
     """
     b_, c, h, w = pred_normals.shape
-    nt = pred_normals.reshape(b_, c, h * w)
-    npd = pseudo_normals.reshape(b_, c, h * w)
+    base = image * (h * w)
+    rows_a, rows_b = base + a, base + b
 
     def cosine(n: torch.Tensor) -> torch.Tensor:
         # Gather (M, 3) first, then widen: same values as widening the whole map, less memory.
-        na = n[image, :, a].to(torch.float64)
-        nb = n[image, :, b].to(torch.float64)
+        flat = n.reshape(b_, c, h * w).transpose(1, 2).reshape(b_ * h * w, c)
+        na = _take_rows(flat, rows_a).to(torch.float64)
+        nb = _take_rows(flat, rows_b).to(torch.float64)
         return (na * nb).sum(-1).abs()
 
-    c_pred, c_gt = cosine(nt), cosine(npd)
+    c_pred, c_gt = cosine(pred_normals), cosine(pseudo_normals)
     return (c_gt - c_pred).abs()
 
 
@@ -700,6 +752,7 @@ def sc_depth_v3_losses(
     weights: str | Mapping[str, float] = "head",
     ranking_numerics: RankingNumerics = "reference",
     stable_sort: bool = False,
+    ranking_depth: RankingDepth = "raw",
     no_ssim: bool = False,
     no_auto_mask: bool = False,
     no_dynamic_mask: bool = False,
@@ -728,6 +781,8 @@ def sc_depth_v3_losses(
             normal_rank) or a mapping with a subset of these keys.
         ranking_numerics: L_mr's ``"reference"`` or ``"safe"`` logistic (:func:`ranking_loss`).
         stable_sort: L_mr's tie breaking (:func:`unreliable_mask`).
+        ranking_depth: what L_mr's logistic compares (:func:`ranking_depth`; ``"raw"`` =
+            the reference).
         no_*: the reference's ablation flags (spec 4.10).
         convention, padding_mode: see :func:`mesadepth.geometry.inverse_warp`.
 
@@ -772,6 +827,7 @@ def sc_depth_v3_losses(
             generator=generator,
             numerics=ranking_numerics,
             stable_sort=stable_sort,
+            depth=ranking_depth,
         ),
         "normal_rank": edge_aware_normal_loss(
             pseudo, target, pred_normals, pseudo_normals, generator=generator

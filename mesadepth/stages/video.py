@@ -27,7 +27,9 @@ The run directory holds:
   ``rectify_net.*``, so SP can continue GP's decoder and PoseNet as MeSa does
   (``init=<GP run>/model.safetensors``);
 - ``metrics.json``: loss start/end per term, validation of the final model, of the model before
-  training and of a constant-depth baseline, what the init loaded, ``pose_source``;
+  training and of a constant-depth baseline, what the init loaded, ``pose_source``, the torch
+  thread count, and in depth mode ``abs_rel_start``, ``abs_rel_end`` and ``depth_worse`` (true
+  when the stage made held-out depth worse; the run then also prints a WARNING line);
 - ``figures/depth_preview.png``: validation frames, predicted depth and ground truth.
 
 Logged scalars (spec 5) are ``train/<term>`` with this project's term names: ``photo``,
@@ -155,7 +157,9 @@ __all__ = [
     "build_depth_net",
     "build_pair_net",
     "check_recipe",
+    "depth_change",
     "depth_preview_figure",
+    "depth_worse_warning",
     "export_model",
     "init_kind",
     "require_pseudo_depth",
@@ -387,6 +391,15 @@ class VideoLossConfig:
     )
     stable_sort: bool = field(
         default=False, metadata={"help": "v3: break ties of the unreliable set by raster order"}
+    )
+    ranking_depth: Literal["raw", "mean"] = field(
+        default="raw",
+        metadata={
+            "help": "v3: what the ranking loss L_mr compares: raw = raw depth differences (the "
+            "reference; the loss then pays for scaling and stretching the depth map, which no "
+            "other v3 term holds back when the PoseNet reads no motion); mean = depth / its "
+            "per-image mean, scale-invariant like the other v3 terms"
+        },
     )
 
 
@@ -1291,6 +1304,7 @@ class VideoPretraining(L.LightningModule):
             weights=self.loss_weights(),
             ranking_numerics=lo.ranking_numerics,
             stable_sort=lo.stable_sort,
+            ranking_depth=lo.ranking_depth,
             **self._loss_options(),
         )
 
@@ -1669,6 +1683,35 @@ def run_video(
             val = {k: v for k, v in module.last_validation.items() if k != "step"}
             metrics["validation"] = val
             metrics["val_loss"] = val.get("val_loss")
+        metrics["torch_threads"] = torch.get_num_threads()
+        check = depth_change(previous.get("validation_start"), metrics.get("validation"))
+        if check is not None:
+            metrics.update(check)
+            if check["depth_worse"]:
+                print(depth_worse_warning(STAGE_NAMES[recipe.version], check), flush=True)
         write_metrics(run_dir, metrics)
         metrics = read_metrics(run_dir)
     return metrics
+
+
+def depth_change(
+    start: Mapping[str, Any] | None, end: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
+    """``{"abs_rel_start", "abs_rel_end", "depth_worse"}`` from the held-out validation before
+    and after training (depth mode), or None without both. ``depth_worse`` is True when the
+    stage ended with a higher median-scaled AbsRel than its initial model had: it made depth
+    worse, whatever its losses did."""
+    a = (start or {}).get("abs_rel")
+    b = (end or {}).get("abs_rel")
+    if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):
+        return None
+    return {"abs_rel_start": float(a), "abs_rel_end": float(b), "depth_worse": bool(b > a)}
+
+
+def depth_worse_warning(stage: str, check: Mapping[str, Any]) -> str:
+    """The run summary's loud line for a stage that made held-out depth worse."""
+    a, b = check["abs_rel_start"], check["abs_rel_end"]
+    return (
+        f"WARNING: the {stage} stage made held-out depth WORSE: AbsRel {a:.4f} -> {b:.4f} "
+        f"({100 * (b / a - 1):+.1f} %); metrics.json has depth_worse: true"
+    )
