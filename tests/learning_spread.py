@@ -29,6 +29,9 @@ def run(out: Path, seeds: list[int], threads: list[int], pytest_args: list[str])
     for seed in seeds:
         for n in threads:
             env = {
+                # Idle OpenMP threads sleep instead of spinning: no effect on the numbers (the
+                # thread count sets the float order), a large one on a shared machine's speed.
+                "OMP_WAIT_POLICY": "PASSIVE",
                 **os.environ,
                 "MESADEPTH_TEST_SEED": str(seed),
                 "MESADEPTH_TEST_THREADS": str(n),
@@ -38,10 +41,16 @@ def run(out: Path, seeds: list[int], threads: list[int], pytest_args: list[str])
                 ),
             }
             cmd = [sys.executable, "-m", "pytest", "-q", "-m", "learning", "-p", "no:cacheprovider"]
+            log = out / f"s{seed}_t{n}.log"
             t0 = time.perf_counter()
-            code = subprocess.run([*cmd, *pytest_args], cwd=ROOT, env=env, check=False).returncode
+            with log.open("w") as f:
+                code = subprocess.run(
+                    [*cmd, *pytest_args], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT
+                ).returncode
+            summary = (log.read_text().strip().splitlines() or [""])[-1]
             print(
-                f"seed {seed}, {n} thread(s): exit {code}, {time.perf_counter() - t0:.0f} s",
+                f"seed {seed}, {n} thread(s): {summary} ({time.perf_counter() - t0:.0f} s wall, "
+                f"exit {code}, log {log})",
                 flush=True,
             )
 

@@ -454,44 +454,46 @@ def test_pose_validation_require_needs_poses_txt_in_every_val_scene(tiny_world, 
 
 @pytest.mark.slow
 @pytest.mark.learning(seed=0)
-def test_supervised_run_with_pseudo_depth_beats_the_same_run_without_the_v3_terms(
+def test_supervised_run_with_pseudo_depth_beats_the_constant_depth_map(
     tiny_world, tmp_path, learning_seed, learning_record
 ):
     """A learning check: validated on its own two training scenes (val.txt of the copy lists
-    them), 72 steps of SP with ground-truth-shaped pseudo-depth fit their depth better than the
-    untrained model does, and better than the same 72 steps without the v3 terms (photometric +
-    geometry only, ``loss.term_weights``); each run measures before and after."""
+    them), 144 steps of SP with ground-truth-shaped pseudo-depth fit their depth clearly better
+    than a constant depth map (and than the untrained model, which is about as flat).
+
+    The bound is set against the constant map, which depends on the ground truth only, rather
+    than against a second noisy run: the same 144 steps without the v3 terms (photometric +
+    geometry only, ``loss.term_weights``) end at 1.00-1.04 x the constant map's AbsRel and
+    never go below 0.98 x in any epoch, while the run with them ends at 0.71-0.83 x (seeds 0-2,
+    torch threads 1 and 2: docs/experiments/2026-12-05-learning-check-spread.md). So broken or
+    disconnected v3 terms fail the 0.9 bound. At 72 steps the run with them was still at
+    0.85-0.94 x, too close to tell from noise on another machine."""
     root = _with_pseudo_depth(tiny_world, tmp_path)
     shutil.copy(root / "training" / "train.txt", root / "training" / "val.txt")
-    common = ("optim.lr=1e-3", "optim.epochs=3", "optim.epoch_size=24", *_seeded(learning_seed))
-    recipe = _recipe(root, tmp_path / "sp", "v3", *common)
+    recipe = _recipe(
+        root,
+        tmp_path / "sp",
+        "v3",
+        "optim.lr=1e-3",
+        "optim.epochs=6",
+        "optim.epoch_size=24",
+        *_seeded(learning_seed),
+    )
     metrics = run_video(recipe)
     before, after = metrics["validation_start"], metrics["validation"]
-    without = run_video(
-        _recipe(
-            root,
-            tmp_path / "no_v3",
-            "v3",
-            *common,
-            "loss.term_weights={normal_matching: 0, mask_rank: 0, normal_rank: 0}",
-        )
-    )
+    constant = metrics["baseline_constant_depth"]["abs_rel"]
     start, end = metrics["loss_start"], metrics["loss_end"]
     learning_record.update(
         {
-            "abs_rel start": before["abs_rel"],
-            "abs_rel end": after["abs_rel"],
-            "abs_rel end without v3": without["validation"]["abs_rel"],
+            "abs_rel start / constant map": before["abs_rel"] / constant,
+            "abs_rel end / constant map (< 0.9)": after["abs_rel"] / constant,
             "abs_rel end/start (< 0.9)": after["abs_rel"] / before["abs_rel"],
-            "abs_rel without - with (> 0.02)": without["validation"]["abs_rel"] - after["abs_rel"],
             "normal_matching end/start (< 0.8)": end["normal_matching"] / start["normal_matching"],
         }
     )
-    assert metrics["validation_mode"] == "depth" and metrics["steps"] == 72
+    assert metrics["validation_mode"] == "depth" and metrics["steps"] == 144
+    assert after["abs_rel"] < 0.9 * constant, (constant, after)
     assert after["abs_rel"] < 0.9 * before["abs_rel"], (before, after)
-    assert without["validation_start"]["abs_rel"] == pytest.approx(before["abs_rel"])
-    # Measured: AbsRel 0.2633 -> 0.2228 with the v3 terms, 0.2633 -> 0.2635 without.
-    assert after["abs_rel"] < without["validation"]["abs_rel"] - 0.02, (after, without)
     assert end["normal_matching"] < 0.8 * start["normal_matching"], (start, end)
     assert "rectify_net" not in {
         k.split(".")[0] for k in load_file(tmp_path / "sp" / "model.safetensors")
