@@ -73,7 +73,10 @@ def test_simmim_items_are_normalised_masked_and_seeded_per_epoch_and_index():
 
 
 @pytest.mark.slow
-def test_masked_stage_learns_on_synthetic_lsun(tmp_path: Path):
+@pytest.mark.learning(seed=0)
+def test_masked_stage_learns_on_synthetic_lsun(
+    tmp_path: Path, learning_seed: int, learning_record: dict
+):
     """A short CPU run on the synthetic world's LSUN lmdb: the masked loss falls clearly, and
     the run directory holds the encoder hand-off, the figure, the config and the metrics."""
     from mesadepth.data.lsun import close_lmdb_envs
@@ -114,10 +117,13 @@ def test_masked_stage_learns_on_synthetic_lsun(tmp_path: Path):
             "trainer.max_epochs=8",
             "trainer.progress_bar=false",
             "figures=2",
+            f"data.seed={learning_seed}",
+            f"trainer.seed={learning_seed}",
         ],
     )
     metrics = run_masked(recipe)
     close_lmdb_envs()
+    learning_record["loss end/start (< 0.8)"] = metrics["loss_end"] / metrics["loss_start"]
     assert metrics["steps"] == 8 * 4
     assert metrics["loss_end"] < 0.8 * metrics["loss_start"], metrics
     with safe_open(str(run / "model.safetensors"), "pt") as f:

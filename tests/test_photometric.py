@@ -387,7 +387,8 @@ def walk() -> dict:
     }
 
 
-def test_photometric_gradient_leads_a_free_pose_to_the_true_motion(walk):
+@pytest.mark.learning  # no random source: only the thread count can move it
+def test_photometric_gradient_leads_a_free_pose_to_the_true_motion(walk, learning_record):
     """What a PoseNet learns from: descending L_photo (true depth, exact convention) from zero
     motion reaches the true relative poses of five consecutive hand-held frame pairs."""
     img, depth, truth, K = walk["img"], walk["depth"], walk["truth"], walk["K"]
@@ -406,12 +407,19 @@ def test_photometric_gradient_leads_a_free_pose_to_the_true_motion(walk):
     err = pose_errors(pose_vec_to_mat(vec.detach()), truth)
     figures = {k: v.numpy().round(3).tolist() for k, v in err.items()}
     at_truth = loss(pose_mat_to_vec(truth)).item()
+    learning_record["min t cos (> 0.9)"] = float(err["t_cos"].min())
+    learning_record["mean rot err / rot (< 0.3)"] = float(
+        (err["rot_err_deg"] / err["rot_gt_deg"]).mean()
+    )
+    learning_record["loss end / at truth (< 1.02)"] = loss(vec).item() / at_truth
+    learning_record["loss at truth / start (< 0.3)"] = at_truth / start
     assert err["t_cos"].min() > 0.9, figures
     assert (err["rot_err_deg"] / err["rot_gt_deg"]).mean() < 0.3, figures
     assert loss(vec).item() < 1.02 * at_truth < 0.3 * start, (loss(vec).item(), at_truth, start)
 
 
-def test_reference_warp_pulls_every_translation_forward(walk):
+@pytest.mark.learning  # no random source: only the thread count can move it
+def test_reference_warp_pulls_every_translation_forward(walk, learning_record):
     """Pitfall 1 in practice: the reference warp samples u W/(W-1) - 0.5, a magnification by
     W/(W-1) about the centre that a forward translation can undo. From the true motion of five
     frame pairs (true depth), descending L_photo adds one common +z translation under the
@@ -435,6 +443,13 @@ def test_reference_warp_pulls_every_translation_forward(walk):
     ref, exact = drift["reference"], drift["exact"]
     t_true = truth[:, :3].norm(dim=1).mean()
     figures = {k: v.numpy().round(4).tolist() for k, v in drift.items()} | {"|t|": float(t_true)}
+    learning_record["min ref z drift / |t| (> 0.2)"] = float(ref[:, 2].min() / t_true)
+    learning_record["min ref z / max ref |xy| (> 2)"] = float(
+        (ref[:, 2] / ref[:, :2].abs().max(dim=1).values).min()
+    )
+    learning_record["max exact drift / min ref z (< 0.5)"] = float(
+        exact.norm(dim=1).max() / ref[:, 2].min()
+    )
     # Every pair moves forward, by a sizeable fraction of the true motion ...
     assert (ref[:, 2] > 0.2 * t_true).all(), figures
     assert (ref[:, 2] > 2 * ref[:, :2].abs().max(dim=1).values).all(), figures

@@ -12,6 +12,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import threads_for_tests
 from safetensors.torch import load_file
 
 from mesadepth.cli import main
@@ -41,9 +42,9 @@ CONFIGS = Path(__file__).parents[1] / "configs"
 @pytest.fixture(autouse=True)
 def _one_thread():
     # Two OpenMP threads on 2 cores shared with other processes spin-wait badly (seconds per
-    # step); one thread keeps these CPU runs short and steady.
+    # step); one thread keeps these CPU runs short and steady. MESADEPTH_TEST_THREADS overrides.
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads_for_tests(1))
     yield
     torch.set_num_threads(before)
 
@@ -73,6 +74,12 @@ def _recipe(root: Path, run: Path, version: str = "v2", *overrides: str) -> Vide
             *overrides,
         ],
     )
+
+
+def _seeded(seed: int) -> tuple[str, str]:
+    """Overrides giving a run one seed: weights and step draws (trainer), order and augmentation
+    (data)."""
+    return f"trainer.seed={seed}", f"data.seed={seed}"
 
 
 def _with_pseudo_depth(tiny_world: Path, tmp_path: Path) -> Path:
@@ -281,7 +288,10 @@ def test_supervised_command_refuses_a_v2_recipe(tiny_world, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_geometric_run_lowers_the_photometric_loss_and_writes_the_run(tiny_world, tmp_path):
+@pytest.mark.learning(seed=0)
+def test_geometric_run_lowers_the_photometric_loss_and_writes_the_run(
+    tiny_world, tmp_path, learning_seed, learning_record
+):
     run = tmp_path / "gp"
     recipe = _recipe(
         tiny_world / "video",
@@ -291,9 +301,11 @@ def test_geometric_run_lowers_the_photometric_loss_and_writes_the_run(tiny_world
         "optim.epochs=2",
         "optim.epoch_size=16",
         "validation.before_training=false",
+        *_seeded(learning_seed),
     )
     metrics = run_video(recipe)
     start, end = metrics["loss_start"], metrics["loss_end"]
+    learning_record["photo end/start (< 0.85)"] = end["photo"] / start["photo"]
     assert metrics["steps"] == 32 and metrics["validation_mode"] == "depth"
     assert end["photo"] < 0.85 * start["photo"], (start, end)
     assert set(start) >= {"photo", "geometry", "smooth", "rot_c", "rot_t", "total"}
@@ -441,34 +453,47 @@ def test_pose_validation_require_needs_poses_txt_in_every_val_scene(tiny_world, 
 
 
 @pytest.mark.slow
-def test_supervised_run_with_pseudo_depth_beats_the_same_run_without_the_v3_terms(
-    tiny_world, tmp_path
+@pytest.mark.learning(seed=0)
+def test_supervised_run_with_pseudo_depth_beats_the_constant_depth_map(
+    tiny_world, tmp_path, learning_seed, learning_record
 ):
     """A learning check: validated on its own two training scenes (val.txt of the copy lists
-    them), 72 steps of SP with ground-truth-shaped pseudo-depth fit their depth better than the
-    untrained model does, and better than the same 72 steps without the v3 terms (photometric +
-    geometry only, ``loss.term_weights``); each run measures before and after."""
+    them), 144 steps of SP with ground-truth-shaped pseudo-depth fit their depth clearly better
+    than a constant depth map (and than the untrained model, which is about as flat).
+
+    The bound is set against the constant map, which depends on the ground truth only, rather
+    than against a second noisy run: the same 144 steps without the v3 terms (photometric +
+    geometry only, ``loss.term_weights``) end at 1.00-1.04 x the constant map's AbsRel and
+    never go below 0.98 x in any epoch, while the run with them ends at 0.71-0.83 x (seeds 0-2,
+    torch threads 1 and 2: docs/experiments/2026-12-05-learning-check-spread.md). So broken or
+    disconnected v3 terms fail the 0.9 bound. At 72 steps the run with them was still at
+    0.85-0.94 x, too close to tell from noise on another machine."""
     root = _with_pseudo_depth(tiny_world, tmp_path)
     shutil.copy(root / "training" / "train.txt", root / "training" / "val.txt")
-    common = ("optim.lr=1e-3", "optim.epochs=3", "optim.epoch_size=24")
-    recipe = _recipe(root, tmp_path / "sp", "v3", *common)
+    recipe = _recipe(
+        root,
+        tmp_path / "sp",
+        "v3",
+        "optim.lr=1e-3",
+        "optim.epochs=6",
+        "optim.epoch_size=24",
+        *_seeded(learning_seed),
+    )
     metrics = run_video(recipe)
     before, after = metrics["validation_start"], metrics["validation"]
-    assert metrics["validation_mode"] == "depth" and metrics["steps"] == 72
-    assert after["abs_rel"] < 0.9 * before["abs_rel"], (before, after)
-    without = run_video(
-        _recipe(
-            root,
-            tmp_path / "no_v3",
-            "v3",
-            *common,
-            "loss.term_weights={normal_matching: 0, mask_rank: 0, normal_rank: 0}",
-        )
-    )
-    assert without["validation_start"]["abs_rel"] == pytest.approx(before["abs_rel"])
-    # Measured: AbsRel 0.2633 -> 0.2228 with the v3 terms, 0.2633 -> 0.2635 without.
-    assert after["abs_rel"] < without["validation"]["abs_rel"] - 0.02, (after, without)
+    constant = metrics["baseline_constant_depth"]["abs_rel"]
     start, end = metrics["loss_start"], metrics["loss_end"]
+    learning_record.update(
+        {
+            "abs_rel start / constant map": before["abs_rel"] / constant,
+            "abs_rel end / constant map (< 0.9)": after["abs_rel"] / constant,
+            "abs_rel end/start (< 0.9)": after["abs_rel"] / before["abs_rel"],
+            "normal_matching end/start (< 0.8)": end["normal_matching"] / start["normal_matching"],
+        }
+    )
+    assert metrics["validation_mode"] == "depth" and metrics["steps"] == 144
+    assert after["abs_rel"] < 0.9 * constant, (constant, after)
+    assert after["abs_rel"] < 0.9 * before["abs_rel"], (before, after)
     assert end["normal_matching"] < 0.8 * start["normal_matching"], (start, end)
     assert "rectify_net" not in {
         k.split(".")[0] for k in load_file(tmp_path / "sp" / "model.safetensors")
