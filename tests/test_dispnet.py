@@ -280,7 +280,10 @@ def test_bad_inputs_and_configs_raise_clear_errors():
 
 @pytest.mark.learning(seed=0)
 def test_decoder_learns_a_depth_map(learning_seed, learning_record):
-    # The decoder can fit a target from fixed features: the loss must fall by an order of magnitude.
+    # The decoder can fit a target from fixed features: the loss must fall by an order of
+    # magnitude. At lr 3e-3 Adam's last steps oscillate (a single step spans 0.01-0.13 x the
+    # first loss across seeds 0-2 x threads 1, 2), so the end is the mean of the last 10 steps
+    # (0.024-0.037 x measured; a decoder that learns nothing stays near 1).
     torch.manual_seed(learning_seed)
     dec = DispNetDecoder((8, 8, 16, 16), TINY_DEC, skip_norm=True)
     feats = _features((8, 8, 16, 16), seed=learning_seed)
@@ -293,5 +296,7 @@ def test_decoder_learns_a_depth_map(learning_seed, learning_record):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    learning_record["loss end/start (< 0.1)"] = losses[-1] / losses[0]
-    assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
+    end = sum(losses[-10:]) / 10
+    learning_record["last step / first loss"] = losses[-1] / losses[0]
+    learning_record["mean of last 10 / first loss (< 0.1)"] = end / losses[0]
+    assert end < 0.1 * losses[0], (losses[0], losses[-10:])
