@@ -554,11 +554,12 @@ def _edge_guided_points(
     dist = torch.randint(
         DIST_LOW, DIST_HIGH + 1, (4, n), generator=generator, device=draw_device
     ).to(device)
-    sign = torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=torch.float64, device=device)[:, None]
-    step = dist.to(torch.float64) * sign
-    rows = (anchor // w + torch.round(step * theta.sin().abs()).long()).clamp(0, h - 1)
-    cols = (anchor % w + torch.round(step * theta.cos().abs()).long()).clamp(0, w - 1)
-    return owner, rows * w + cols
+    step = dist.to(torch.float64)
+    step[:2].neg_()  # signs (-, -, +, +)
+    # In place where the operands are temporaries (the same values; 1.4 M-element arrays).
+    rows = torch.mul(step, theta.sin().abs_()).round_().long().add_(anchor // w).clamp_(0, h - 1)
+    cols = step.mul_(theta.cos().abs_()).round_().long().add_(anchor % w).clamp_(0, w - 1)
+    return owner, rows.mul_(w).add_(cols)
 
 
 def pair_normal_terms(
