@@ -79,9 +79,23 @@ def _window_means(xp: torch.Tensor, yp: torch.Tensor) -> tuple[torch.Tensor, ...
     # means as the reference's 7x7 average pooling (to float rounding), about 3x faster forward
     # and backward on CPU, where pooling dominated the loss (benchmarks/losses.py).
     c = xp.shape[1]
-    stacked = torch.cat([xp, yp, xp * xp, yp * yp, xp * yp], 1)
+    if _recording(xp, yp):
+        stacked = torch.cat([xp, yp, xp * xp, yp * yp, xp * yp], 1)
+    else:
+        # The products written straight into the convolution's input (no concatenation copy).
+        stacked = xp.new_empty((xp.shape[0], 5 * c, *xp.shape[2:]))
+        stacked[:, :c] = xp
+        stacked[:, c : 2 * c] = yp
+        torch.mul(xp, xp, out=stacked[:, 2 * c : 3 * c])
+        torch.mul(yp, yp, out=stacked[:, 3 * c : 4 * c])
+        torch.mul(xp, yp, out=stacked[:, 4 * c :])
     kernel = stacked.new_full((5 * c, 1, SSIM_WINDOW, SSIM_WINDOW), 1.0 / SSIM_WINDOW**2)
     return F.conv2d(stacked, kernel, groups=5 * c).split(c, 1)
+
+
+def _recording(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records operations on these tensors (in-place shortcuts are unsafe)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _ssim_terms(
@@ -93,11 +107,18 @@ def _ssim_terms(
 ) -> tuple[torch.Tensor, ...]:
     """The four factors of SSIM = (A1 A2) / (B1 B2) from the window means (spec 4.1)."""
     mu_xx, mu_yy, mu_xy = mu_x**2, mu_y**2, mu_x * mu_y
-    a1 = 2 * mu_x * mu_y + SSIM_C1
-    a2 = 2 * (m_xy - mu_xy) + SSIM_C2
-    b1 = mu_xx + mu_yy + SSIM_C1
-    b2 = (m_xx - mu_xx) + (m_yy - mu_yy) + SSIM_C2
-    return a1, a2, b1, b2
+    if _recording(mu_x, mu_y, m_xx, m_yy, m_xy):
+        a1 = 2 * mu_x * mu_y + SSIM_C1
+        a2 = 2 * (m_xy - mu_xy) + SSIM_C2
+        b1 = mu_xx + mu_yy + SSIM_C1
+        b2 = (m_xx - mu_xx) + (m_yy - mu_yy) + SSIM_C2
+        return a1, a2, b1, b2
+    # The same operations in the same order, in place on temporaries (fewer 4 MB buffers).
+    a1 = (2 * mu_x).mul_(mu_y).add_(SSIM_C1)
+    a2 = torch.sub(m_xy, mu_xy, out=mu_xy).mul_(2).add_(SSIM_C2)
+    b1 = (mu_xx + mu_yy).add_(SSIM_C1)
+    b2 = torch.sub(m_xx, mu_xx, out=mu_xx).add_(torch.sub(m_yy, mu_yy, out=mu_yy))
+    return a1, a2, b1, b2.add_(SSIM_C2)
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -120,66 +141,133 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (a1 * a2) / (b1 * b2)
 
 
-class _SSIMDissimilarity(torch.autograd.Function):
-    """``clamp((1 - SSIM) / 2, 0, 1)`` with a hand-written backward.
+def _ssim_dis_forward(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """``clamp((1 - ssim(x, y)) / 2, 0, 1)`` (:func:`ssim`'s arithmetic op for op: the same
+    values bit for bit) and what :func:`_ssim_dis_backward` needs."""
+    pad = SSIM_WINDOW // 2
+    xp = F.pad(x, (pad,) * 4, mode="reflect")
+    yp = F.pad(y, (pad,) * 4, mode="reflect")
+    mu_x, mu_y, m_xx, m_yy, m_xy = _window_means(xp, yp)
+    a1, a2, b1, b2 = _ssim_terms(mu_x, mu_y, m_xx, m_yy, m_xy)
+    den = b1 * b2
+    s = (a1 * a2).div_(den)
+    half = (1 - s).div_(2)
+    return half.clamp(0, 1), (x, y, xp, yp, mu_x, mu_y, a1, a2, b1, b2, s, den, half)
 
-    The forward is :func:`ssim`'s arithmetic op for op (the same values bit for bit); the
-    backward replaces autograd's chain (~30 saved maps, a depthwise-convolution backward over all
-    five window means) by the closed-form derivatives of SSIM with respect to the window means
-    and one convolution with the (symmetric) box kernel for the three or four means that reach
-    an input that needs a gradient; the mean of x^2 and of y^2 share one. It made the SSIM part of
-    the photometric loss about 2x faster forward + backward on CPU (benchmarks/losses.py).
+
+def _ssim_dis_backward(
+    saved: tuple, grad: torch.Tensor, need_x: bool, need_y: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``sum(grad * ssim_dissimilarity(x, y))`` with respect to x and y.
+
+    Closed-form derivatives of SSIM with respect to the five window means, then one
+    convolution with the (symmetric) box kernel, the adjoint of the window mean, for the three
+    or four means that reach an input that needs a gradient (the means of x^2 and of y^2 share
+    one), then the reflection padding's adjoint. ``grad`` may be broadcast from (B, 1, H, W).
+    """
+    x, y, xp, yp, mu_x, mu_y, a1, a2, b1, b2, s, den, half = saved
+    b, c, h, w = half.shape
+    n_maps = 4 if need_x else 3
+    # The maps to spread are written straight into the convolution's input; channels-last on
+    # CPU, where oneDNN's depthwise "full" convolution is ~3x faster on it.
+    layout = torch.channels_last if half.device.type == "cpu" else torch.contiguous_format
+    stacked = torch.empty(
+        (b, n_maps * c, h, w), dtype=half.dtype, device=half.device, memory_format=layout
+    )
+    t_mu_y, t_sq, t_xy, *t_mu_x = stacked.split(c, 1)
+    # With q = dL/dnum (SSIM = num / den, num = a1 a2, den = b1 b2) and d dis / d SSIM = -1/2
+    # inside the clamp (clamp passes the gradient on its bounds): dSSIM/dmu_y =
+    # 2 (mu_x d_a + mu_y d_b), dSSIM/dmean(y^2) = dSSIM/dmean(x^2) = -q s b1,
+    # dSSIM/dmean(xy) = 2 q a1, with d_a = q (a2 - a1), d_b = q s (b1 - b2). The -1/2 and the
+    # factors 2 cancel to the final minus; temporaries are updated in place.
+    q = torch.where((half >= 0) & (half <= 1), grad, 0.0).div_(den)
+    qs = q * s
+    torch.mul(q, a1, out=t_xy)
+    torch.mul(qs, b1, out=t_sq).neg_()
+    d_a = q.mul_(a2).sub_(t_xy)
+    d_b = qs.mul_(b2).neg_().sub_(t_sq)
+    torch.mul(mu_x, d_a, out=t_mu_y).addcmul_(mu_y, d_b)
+    if need_x:
+        torch.mul(mu_y, d_a, out=t_mu_x[0]).addcmul_(mu_x, d_b)
+    kernel = stacked.new_full((n_maps * c, 1, SSIM_WINDOW, SSIM_WINDOW), 1 / SSIM_WINDOW**2)
+    # The adjoint of the valid box filter: the full one (same kernel, it is symmetric).
+    spread = F.conv2d(stacked, kernel, padding=SSIM_WINDOW - 1, groups=n_maps * c)
+    t_mu_y, t_sq, t_xy, *t_mu_x = spread.split(c, 1)
+    pad = [SSIM_WINDOW // 2] * 4
+    gx = gy = None
+    if need_y:
+        gyp = torch.mul(yp, t_sq).addcmul_(xp, t_xy).add_(t_mu_y).neg_()
+        gy = torch.ops.aten.reflection_pad2d_backward(gyp, y, pad)
+    if need_x:
+        gxp = torch.mul(xp, t_sq).addcmul_(yp, t_xy).add_(t_mu_x[0]).neg_()
+        gx = torch.ops.aten.reflection_pad2d_backward(gxp, x, pad)
+    return gx, gy
+
+
+class _SSIMDissimilarity(torch.autograd.Function):
+    """``clamp((1 - SSIM) / 2, 0, 1)`` with a hand-written backward (:func:`_ssim_dis_backward`).
+
+    The same forward values as :func:`ssim`; the backward replaces autograd's chain (~30 saved
+    maps, a depthwise-convolution backward over all five window means) and made the SSIM part
+    of the photometric loss about 2x faster forward + backward on CPU (benchmarks/losses.py).
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        pad = SSIM_WINDOW // 2
-        xp = F.pad(x, (pad,) * 4, mode="reflect")
-        yp = F.pad(y, (pad,) * 4, mode="reflect")
-        mu_x, mu_y, m_xx, m_yy, m_xy = _window_means(xp, yp)
-        a1, a2, b1, b2 = _ssim_terms(mu_x, mu_y, m_xx, m_yy, m_xy)
-        den = b1 * b2
-        s = (a1 * a2) / den
-        half = (1 - s) / 2
-        ctx.save_for_backward(x, y, xp, yp, mu_x, mu_y, a1, a2, b1, b2, s, den, half)
-        return half.clamp(0, 1)
+        dis, saved = _ssim_dis_forward(x, y)
+        ctx.save_for_backward(*saved)
+        return dis
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, y, xp, yp, mu_x, mu_y, a1, a2, b1, b2, s, den, half = ctx.saved_tensors
-        need_x, need_y = ctx.needs_input_grad
-        # d dis / d SSIM = -1/2 inside the clamp (clamp passes the gradient on its bounds);
-        # the -1/2 and the factor 2 of every SSIM derivative below cancel to the final minus.
-        g_num = torch.where((half >= 0) & (half <= 1), grad, 0.0) / den
-        g_den = -g_num * s
-        g_a1, g_a2 = g_num * a2, g_num * a1
-        g_b1, g_b2 = g_den * b2, g_den * b1
-        d_a, d_b = g_a1 - g_a2, g_b1 - g_b2
-        # dSSIM/dmu_y = 2 (mu_x d_a + mu_y d_b), dSSIM/dmean(y^2) = g_b2 (= dSSIM/dmean(x^2)),
-        # dSSIM/dmean(xy) = 2 g_a2; (halved, see above).
-        maps = [mu_x * d_a + mu_y * d_b, g_b2, g_a2]
-        if need_x:
-            maps.append(mu_y * d_a + mu_x * d_b)
-        c = grad.shape[1]
-        stacked = torch.cat(maps, 1)
-        kernel = stacked.new_full((len(maps) * c, 1, SSIM_WINDOW, SSIM_WINDOW), 1 / SSIM_WINDOW**2)
-        if stacked.device.type == "cpu":
-            # oneDNN's depthwise "full" convolution is ~3x faster on channels-last input.
-            stacked = stacked.contiguous(memory_format=torch.channels_last)
-        # The adjoint of the valid box filter: the full one (same kernel, it is symmetric).
-        spread = F.conv2d(stacked, kernel, padding=SSIM_WINDOW - 1, groups=len(maps) * c)
-        spread = spread.contiguous()
-        t_mu_y, t_sq, t_xy, *t_mu_x = spread.split(c, 1)
-        pad = [SSIM_WINDOW // 2] * 4
-        gx = gy = None
-        if need_y:
-            gyp = -(t_mu_y + yp * t_sq + xp * t_xy)
-            gy = torch.ops.aten.reflection_pad2d_backward(gyp, y, pad)
-        if need_x:
-            gxp = -(t_mu_x[0] + xp * t_sq + yp * t_xy)
-            gx = torch.ops.aten.reflection_pad2d_backward(gxp, x, pad)
-        return gx, gy
+        return _ssim_dis_backward(ctx.saved_tensors, grad, *ctx.needs_input_grad)
+
+
+class _PhotoMap(torch.autograd.Function):
+    """E_p and E_c of :func:`pairwise_maps` with SSIM, in one function (spec 4.2).
+
+    ``E_p = mean_c(0.15 clamp(|A - I_w|, 0, 1) + 0.85 SSIM_dis(A, I_w)) * weight`` and
+    ``E_c = mean_c |A - I_w|`` (returned without gradient: it is only compared), computed op for
+    op as the plain expressions (the same values bit for bit); the backward through the mix,
+    the channel mean, the clamp and the absolute value is written out and joined to the SSIM's
+    (:func:`_ssim_dis_backward`), which spares autograd a dozen full-size maps per direction.
+    ``weight``: the detached ``1 - E_d`` (B, 1, H, W), or None.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, target: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        diff = target - warped
+        abs_diff = diff.abs()
+        color = abs_diff.mean(1, keepdim=True)
+        dis, saved = _ssim_dis_forward(target, warped)
+        photo = (_L1_WEIGHT * abs_diff.clamp(0, 1) + _SSIM_WEIGHT * dis).mean(1, keepdim=True)
+        if weight is not None:
+            photo = photo * weight
+        ctx.save_for_backward(diff, abs_diff, weight, *saved)
+        ctx.mark_non_differentiable(color)
+        return photo, color
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: Any, grad: torch.Tensor, _grad_color: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        diff, abs_diff, weight, *saved = ctx.saved_tensors
+        need_t, need_w = ctx.needs_input_grad[:2]
+        if weight is not None:
+            grad = grad * weight
+        grad = grad / diff.shape[1]  # the channel mean
+        # L1 part: clamp passes where 0 <= |d| <= 1; d|d|/dd = sgn(d).
+        g_diff = torch.where(abs_diff <= 1, diff.sgn(), 0.0).mul_(grad * _L1_WEIGHT)
+        g_t, g_w = _ssim_dis_backward(saved, grad * _SSIM_WEIGHT, need_t, need_w)
+        if g_w is not None:
+            g_w = g_w.sub_(g_diff)
+        if g_t is not None:
+            g_t = g_t.add_(g_diff)
+        return g_t, g_w, None
 
 
 def ssim_dissimilarity(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -303,18 +391,22 @@ def _pairwise_maps(
         if target_nonzero is None:
             target_nonzero = _nonzero(target)
         valid = _nonzero(warped) & target_nonzero
-    abs_diff = (target - warped).abs()
-    color = abs_diff.mean(1, keepdim=True)
+    weight = None if no_dynamic_mask else (1 - depth_diff).detach()
+    if not no_ssim and torch.is_grad_enabled() and (target.requires_grad or warped.requires_grad):
+        photo, color = _PhotoMap.apply(target, warped, weight)
+    else:
+        abs_diff = (target - warped).abs()
+        color = abs_diff.mean(1, keepdim=True)
+        photo = abs_diff.clamp(0, 1)
+        if not no_ssim:
+            photo = _L1_WEIGHT * photo + _SSIM_WEIGHT * ssim_dissimilarity(target, warped)
+        photo = photo.mean(1, keepdim=True)
+        if weight is not None:
+            photo = photo * weight
     if not no_auto_mask:
         if identity is None:
             identity = (target - source).abs().mean(1, keepdim=True)
         valid = valid & (color < identity)
-    photo = abs_diff.clamp(0, 1)
-    if not no_ssim:
-        photo = _L1_WEIGHT * photo + _SSIM_WEIGHT * ssim_dissimilarity(target, warped)
-    photo = photo.mean(1, keepdim=True)
-    if not no_dynamic_mask:
-        photo = photo * (1 - depth_diff).detach()
     return PairwiseMaps(photo, color, depth_diff, valid.to(photo.dtype))
 
 

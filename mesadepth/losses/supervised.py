@@ -582,10 +582,8 @@ def pair_normal_terms(
     hw = pred_normals.shape[2] * pred_normals.shape[3]
     at_a, at_b = image * hw + a, image * hw + b
     c_pred = _dots(_gather_normals(pred_normals, at_a), _gather_normals(pred_normals, at_b))
-    with torch.no_grad():
-        gt_a, gt_b = _gather_normals(pseudo_normals, at_a), _gather_normals(pseudo_normals, at_b)
-        c_gt = _dots(gt_a, gt_b).abs()
-    return (c_gt - c_pred.abs()).abs()
+    c_gt = _dots(_gather_normals(pseudo_normals, at_a), _gather_normals(pseudo_normals, at_b))
+    return (c_gt.abs() - c_pred.abs()).abs()
 
 
 def _gather_normals(normals: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
@@ -694,9 +692,14 @@ def edge_aware_normal_loss(
         generator=generator,
         fraction=EDGE_FRACTION,
     )
-    at = (owner // 2) * (h * w) + idx  # (4, N) flat pixels of the (B * H * W) raster
+    image = owner // 2
+    if torch.is_grad_enabled() and pseudo_normals.requires_grad:
+        # Not the training case (N_p comes from data): autograd through the generic terms.
+        a, b_ = idx[:3].reshape(-1), idx[1:].reshape(-1)
+        return pair_normal_terms(pred_normals, pseudo_normals, image.repeat(3), a, b_).mean()
+    at = image * (h * w) + idx  # (4, N) flat pixels of the (B * H * W) raster
     if torch.is_grad_enabled() and pred_normals.requires_grad:
-        return _RelativeNormalLoss.apply(pred_normals, pseudo_normals.detach(), at)
+        return _RelativeNormalLoss.apply(pred_normals, pseudo_normals, at)
     return _RelativeNormalLoss.forward(None, pred_normals, pseudo_normals, at)
 
 
