@@ -5,6 +5,7 @@
     python benchmarks/losses.py --threads 1 --clock cpu  # CPU time: steadier on a busy machine
     python benchmarks/losses.py --only sp --repeats 10
     python benchmarks/losses.py --device cuda --skip-paper
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/losses.py --threads 2 --sizes nyu --repeats 7
 
 Times the loss computation of one batch, nothing else (no network), for the project's functions
 and for a straightforward implementation written here from the spec
@@ -52,7 +53,10 @@ its own counts instead: the same work, other L_nr pairs. Both use ``stable_sort=
 per-image sort.
 
 Sizes: ``demo`` = batch 4 at 96x128, 3-frame snippets (target + 2 references), the demo
-configuration; ``paper`` = batch 2 at 480x480 (the paper's per-GPU shape, doubled). A row's
+configuration; ``nyu`` = batch 4 at 256x320 (SC-Depth's NYU training resolution; the size of
+the speed goal of issue 19: both GP and SP at <= 0.5x the straightforward version's time,
+forward + backward, 2 CPU threads); ``paper`` = batch 2 at 480x480 (the paper's per-GPU shape,
+doubled); ``--sizes`` picks some. A row's
 repeats shrink so that it stays within ``--budget`` seconds; if one straightforward pass alone
 exceeds the budget, its columns read "skipped".
 
@@ -63,8 +67,12 @@ straightforward / ours; repeats; the largest absolute difference over the loss t
 and float64. Each time is the best of the repeats after warm-up passes (on a shared machine the
 least disturbed call is the steadiest estimate); the four timed cells of a row run interleaved
 call by call, so both sides see the same load; the clock is the wall clock or, with
-``--clock cpu``, the process's CPU time. Timings on a shared machine vary; the table prints what
-it measured, with the load average at the start.
+``--clock cpu``, the process's CPU time. "median paired ratio fwd+bwd": the median over the
+repeats of straightforward / ours of the two forward + backward calls made back to back (each
+pair saw about the same load). Timings on a shared machine vary; the table prints what it
+measured, with the load average at the start. On a machine busier than its cores, OpenMP's
+spinning threads make multi-threaded wall times erratic (seconds per call);
+``OMP_WAIT_POLICY=PASSIVE`` (threads sleep at barriers) keeps them usable.
 """
 
 from __future__ import annotations
