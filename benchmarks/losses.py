@@ -5,6 +5,7 @@
     python benchmarks/losses.py --threads 1 --clock cpu  # CPU time: steadier on a busy machine
     python benchmarks/losses.py --only sp --repeats 10
     python benchmarks/losses.py --device cuda --skip-paper
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/losses.py --threads 2 --sizes nyu --repeats 7
 
 Times the loss computation of one batch, nothing else (no network), for the project's functions
 and for a straightforward implementation written here from the spec
@@ -52,7 +53,10 @@ its own counts instead: the same work, other L_nr pairs. Both use ``stable_sort=
 per-image sort.
 
 Sizes: ``demo`` = batch 4 at 96x128, 3-frame snippets (target + 2 references), the demo
-configuration; ``paper`` = batch 2 at 480x480 (the paper's per-GPU shape, doubled). A row's
+configuration; ``nyu`` = batch 4 at 256x320 (SC-Depth's NYU training resolution; the size of
+the speed goal of issue 19: both GP and SP at <= 0.5x the straightforward version's time,
+forward + backward, 2 CPU threads); ``paper`` = batch 2 at 480x480 (the paper's per-GPU shape,
+doubled); ``--sizes`` picks some. A row's
 repeats shrink so that it stays within ``--budget`` seconds; if one straightforward pass alone
 exceeds the budget, its columns read "skipped".
 
@@ -63,14 +67,19 @@ straightforward / ours; repeats; the largest absolute difference over the loss t
 and float64. Each time is the best of the repeats after warm-up passes (on a shared machine the
 least disturbed call is the steadiest estimate); the four timed cells of a row run interleaved
 call by call, so both sides see the same load; the clock is the wall clock or, with
-``--clock cpu``, the process's CPU time. Timings on a shared machine vary; the table prints what
-it measured, with the load average at the start.
+``--clock cpu``, the process's CPU time. "median paired ratio fwd+bwd": the median over the
+repeats of straightforward / ours of the two forward + backward calls made back to back (each
+pair saw about the same load). Timings on a shared machine vary; the table prints what it
+measured, with the load average at the start. On a machine busier than its cores, OpenMP's
+spinning threads make multi-threaded wall times erratic (seconds per call);
+``OMP_WAIT_POLICY=PASSIVE`` (threads sleep at barriers) keeps them usable.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -92,7 +101,11 @@ from mesadepth.losses.supervised import (
 Batch = dict[str, Any]
 Terms = dict[str, torch.Tensor]
 
-SIZES: dict[str, tuple[int, int, int]] = {"demo": (4, 96, 128), "paper": (2, 480, 480)}
+SIZES: dict[str, tuple[int, int, int]] = {
+    "demo": (4, 96, 128),
+    "nyu": (4, 256, 320),
+    "paper": (2, 480, 480),
+}
 SEED = 0
 # Agreement required of every loss term, on the float64 copy and on the timed float32 batch.
 RTOL = 1e-5
@@ -735,6 +748,11 @@ def bench_row(
     if run_plain:
         row["ratio fwd"] = row["plain fwd ms"] / row["ours fwd ms"]
         row["ratio fwd+bwd"] = row["plain fwd+bwd ms"] / row["ours fwd+bwd ms"]
+        # Per repeat, the two fwd+bwd calls ran back to back: their ratio saw one load.
+        paired = [
+            p / o for p, o in zip(times["plain", "fwd+bwd"], times["ours", "fwd+bwd"], strict=True)
+        ]
+        row["median paired ratio fwd+bwd"] = statistics.median(paired)
     row["repeats"] = n
     return row
 
@@ -766,6 +784,7 @@ COLUMNS = [
     "ours fwd+bwd ms",
     "plain fwd+bwd ms",
     "ratio fwd+bwd",
+    "median paired ratio fwd+bwd",
     "repeats",
     "max abs diff f32",
     "max abs diff f64",
@@ -777,7 +796,7 @@ def _cell(row: dict, col: str) -> str:
         return "skipped"
     v = row[col]
     if isinstance(v, float):
-        return f"{v:.2f}" if col.startswith("ratio") else f"{v:.1f}"
+        return f"{v:.2f}" if "ratio" in col else f"{v:.1f}"
     return str(v)
 
 
@@ -788,7 +807,10 @@ def main() -> None:
     ap.add_argument("--only", choices=("gp", "sp"), help="one group")
     ap.add_argument("--repeats", type=int, default=10, help="timed calls per cell (best of)")
     ap.add_argument("--budget", type=float, default=60.0, help="seconds per row, roughly")
-    ap.add_argument("--skip-paper", action="store_true", help="demo size only")
+    ap.add_argument("--skip-paper", action="store_true", help="leave out the paper size")
+    ap.add_argument(
+        "--sizes", nargs="+", choices=tuple(SIZES), default=None, help="sizes to run (all)"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument(
@@ -806,7 +828,9 @@ def main() -> None:
         global _clock
         _clock = time.process_time
     groups = [args.only] if args.only else ["gp", "sp"]
-    sizes = ["demo"] if args.skip_paper else list(SIZES)
+    sizes = args.sizes or list(SIZES)
+    if args.skip_paper:
+        sizes = [s for s in sizes if s != "paper"]
     dev = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     clock = "wall" if args.clock == "wall" else "process CPU time"
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
