@@ -52,8 +52,8 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
+from fsspec.utils import get_protocol
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback, Checkpoint, TQDMProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
@@ -239,7 +239,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self, checkpoint: dict[str, Any], path: PathLike, storage_options: Any | None = None
     ) -> None:
         """Write ``checkpoint`` to ``path`` atomically."""
-        if storage_options is not None or not _is_local_file_protocol(path):
+        if storage_options is not None or get_protocol(str(path)) != "file":
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         path = Path(path)
