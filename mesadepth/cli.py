@@ -1,8 +1,8 @@
 """The ``mesadepth`` command line: one entry point, one subcommand per job.
 
 Each subcommand is a module of :mod:`mesadepth.commands` with ``register(sub)``, which adds its
-parser and the function that runs it; :func:`build_parser` registers them, one line each, in
-the order ``mesadepth --help`` lists them. Only commands that work are registered. Each
+parser and the function that runs it; :func:`build_parser` registers those named in
+:data:`COMMANDS`, in that order. Only commands that work are registered. Each
 subcommand's ``--help`` lists its options and, for recipe-driven commands, every configuration
 key with its default.
 """
@@ -10,6 +10,7 @@ key with its default.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
@@ -17,6 +18,21 @@ from mesadepth import __version__
 from mesadepth.errors import MesaError
 
 _FORMATTER = argparse.RawDescriptionHelpFormatter
+
+#: The modules of :mod:`mesadepth.commands`, in the order ``mesadepth --help`` lists them; a new
+#: command is one module with ``register(sub)`` and one name here.
+COMMANDS: tuple[str, ...] = (
+    "synth",
+    "inspect",
+    "pretrain",
+    "evaluate",
+    "cka",
+    "predict",
+    "pipeline",
+    "pseudo_depth",
+    "finetune",
+    "export",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,17 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mesadepth {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    # subcommands register here, one line each
-    __import__("mesadepth.commands.synth", fromlist=["register"]).register(sub)
-    __import__("mesadepth.commands.inspect", fromlist=["register"]).register(sub)
-    __import__("mesadepth.commands.pretrain", fromlist=["register"]).register(sub)
-    __import__("mesadepth.commands.evaluate", fromlist=["register"]).register(sub)
-    __import__("mesadepth.commands.cka", fromlist=["register"]).register(sub)
-    __import__("mesadepth.commands.predict", fromlist=["register"]).register(sub)
-    __import__("mesadepth.commands.pipeline", fromlist=["register"]).register(sub)
-    __import__("mesadepth.commands.pseudo_depth", fromlist=["register"]).register(sub)
-    __import__("mesadepth.commands.finetune", fromlist=["register"]).register(sub)
-    __import__("mesadepth.commands.export", fromlist=["register"]).register(sub)
+    for name in COMMANDS:
+        importlib.import_module(f"mesadepth.commands.{name}").register(sub)
     return parser
 
 
