@@ -339,10 +339,10 @@ def _is_project_file(path: Path) -> bool:
     """A safetensors file written by this project (its metadata names the format)."""
     if path.suffix != ".safetensors":
         return False
-    from mesadepth.models.backbone import _META_FORMAT, _open_safetensors
+    from mesadepth.models.backbone import META_FORMAT, read_safetensors_header
 
-    meta, _ = _open_safetensors(path)  # a corrupt header is a DataError naming the file
-    return _META_FORMAT in meta
+    meta, _ = read_safetensors_header(path)  # a corrupt header is a DataError naming the file
+    return META_FORMAT in meta
 
 
 def load_checkpoint_model(

@@ -49,6 +49,8 @@ __all__ = [
     "REFERENCE_LAYERS",
     "REFERENCE_TO_TIMM",
     "SWINV2_PRESETS",
+    "META_CONFIG",
+    "META_FORMAT",
     "ImportReport",
     "SwinV2Encoder",
     "build_encoder",
@@ -60,12 +62,15 @@ __all__ = [
     "import_official_state",
     "read_metadata",
     "read_official_state",
+    "read_safetensors_header",
+    "read_state_file",
     "reference_geometry",
     "resolve_layer",
     "resolve_layers",
     "save_encoder",
     "tap",
     "trained_window_sizes",
+    "unwrap_state_dict",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,8 +80,8 @@ WindowSpec = int | Sequence[int] | Sequence[int | Sequence[int]]
 NoDecayRule = Literal["reference", "intended", "finetune"]
 
 ENCODER_PREFIX = "encoder."
-_META_FORMAT = "mesadepth.format"
-_META_CONFIG = "mesadepth.encoder_config"
+META_FORMAT = "mesadepth.format"
+META_CONFIG = "mesadepth.encoder_config"
 _META_USER = "mesadepth.metadata"
 _FORMAT_VERSION = "encoder/1"
 
@@ -725,10 +730,10 @@ def save_encoder(
                 f"extra tensor {k!r}: expected a torch.Tensor, got {type(v).__name__}"
             )
         tensors[k] = v.detach().cpu().contiguous()
-    meta = {_META_FORMAT: _FORMAT_VERSION}
+    meta = {META_FORMAT: _FORMAT_VERSION}
     cfg = getattr(encoder, "_config", None)
     if cfg:
-        meta[_META_CONFIG] = json.dumps(cfg, sort_keys=True)
+        meta[META_CONFIG] = json.dumps(cfg, sort_keys=True)
     if metadata:
         try:
             meta[_META_USER] = json.dumps(dict(metadata), sort_keys=True)
@@ -740,7 +745,12 @@ def save_encoder(
     return path
 
 
-def _open_safetensors(path: PathLike) -> tuple[dict[str, str], list[str]]:
+def read_safetensors_header(path: PathLike) -> tuple[dict[str, str], list[str]]:
+    """(metadata, tensor names) of a ``.safetensors`` file, without reading its tensors.
+
+    Raises:
+        MissingFileError: no such file. DataError: not a readable safetensors file.
+    """
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(
@@ -761,7 +771,7 @@ def _open_safetensors(path: PathLike) -> tuple[dict[str, str], list[str]]:
 
 def read_metadata(path: PathLike) -> dict[str, Any]:
     """The ``metadata`` passed to :func:`save_encoder` (empty dict if none)."""
-    meta, _ = _open_safetensors(path)
+    meta, _ = read_safetensors_header(path)
     raw = meta.get(_META_USER)
     if raw is None:
         return {}
@@ -773,7 +783,7 @@ def read_metadata(path: PathLike) -> dict[str, Any]:
 
 def load_tensors(path: PathLike, prefix: str) -> dict[str, Tensor]:
     """All tensors of a weights file whose key starts with ``prefix``, with the prefix removed."""
-    _, keys = _open_safetensors(path)
+    _, keys = read_safetensors_header(path)
     with safe_open(os.fspath(path), framework="pt") as f:
         return {k[len(prefix) :]: f.get_tensor(k) for k in keys if k.startswith(prefix)}
 
@@ -795,19 +805,19 @@ def load_encoder(
     :class:`MissingFileError`; key or shape mismatch under ``strict`` -> :class:`DataError`
     listing the first missing and unexpected keys.
     """
-    meta, keys = _open_safetensors(path)
+    meta, keys = read_safetensors_header(path)
     if encoder is None:
-        raw = meta.get(_META_CONFIG)
+        raw = meta.get(META_CONFIG)
         if raw is None:
             raise DataError(
                 path,
-                f"no encoder config in the metadata (key {_META_CONFIG!r}); pass encoder= built "
+                f"no encoder config in the metadata (key {META_CONFIG!r}); pass encoder= built "
                 "with build_encoder",
             )
         try:
             cfg = json.loads(raw)
         except json.JSONDecodeError as err:
-            raise DataError(path, f"metadata {_META_CONFIG!r} is not valid JSON: {err}") from err
+            raise DataError(path, f"metadata {META_CONFIG!r} is not valid JSON: {err}") from err
         encoder = build_encoder({**cfg, **(overrides or {})})
     elif overrides:
         raise ConfigError("load_encoder: pass either encoder= or overrides=, not both")
@@ -881,7 +891,9 @@ _BUFFERS = ("relative_position_index", "relative_coords_table", "attn_mask")
 _ORIGINAL_LAYOUT_KEY = "layers.0.downsample.reduction.weight"
 
 
-def _read_torch_file(path: Path) -> Any:
+def read_state_file(path: Path) -> Any:
+    """The object stored in a checkpoint: a ``.safetensors`` file's tensors as a dict, or a
+    ``.pth`` / ``.ckpt`` read without executing pickled code (:func:`mesadepth.io.safe_torch_load`)."""
     if path.suffix == ".safetensors":
         with safe_open(os.fspath(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
@@ -890,7 +902,9 @@ def _read_torch_file(path: Path) -> Any:
     return safe_torch_load(path)
 
 
-def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
+def unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
+    """The tensors of a checkpoint object, unwrapped from up to four ``model`` / ``state_dict``
+    / ``module`` containers; :class:`DataError` naming ``path`` when there are none."""
     # Spec 2.7 step 1 / 3.3 step 1: training files wrap the state dict as model / state_dict /
     # module (possibly nested, e.g. {'model': {'state_dict': ...}}).
     seen = 0
@@ -926,7 +940,7 @@ def read_official_state(path: PathLike) -> dict[str, Tensor]:
         raise MissingFileError(
             path, "Swin-v2 checkpoint (.pth / .pt / .safetensors)", "official or SimMIM weights"
         )
-    state = _unwrap(_read_torch_file(path), path)
+    state = unwrap_state_dict(read_state_file(path), path)
     return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
 
 

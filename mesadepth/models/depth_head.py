@@ -356,10 +356,10 @@ def load_official_depth_model(
     from mesadepth.models.backbone import (
         ENCODER_PREFIX,
         SWINV2_PRESETS,
-        _read_torch_file,
-        _unwrap,
         build_encoder,
         load_official_checkpoint,
+        read_state_file,
+        unwrap_state_dict,
     )
 
     path = Path(path)
@@ -372,7 +372,7 @@ def load_official_depth_model(
         )
     if not max_depth > 0:
         raise ConfigError(f"max_depth must be > 0 metres, got {max_depth!r}")
-    state = _unwrap(_read_torch_file(path), path)
+    state = unwrap_state_dict(read_state_file(path), path)
     state = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
     if not any(k.startswith(ENCODER_PREFIX) for k in state):
         if any(k.startswith("model." + ENCODER_PREFIX) for k in state):

@@ -323,11 +323,11 @@ def init_kind(init: str) -> InitKind:
 def _file_encoder_config(path: Path) -> dict[str, Any]:
     from safetensors import safe_open
 
-    from mesadepth.models.backbone import _META_CONFIG
+    from mesadepth.models.backbone import META_CONFIG
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(_META_CONFIG)
+            raw = (f.metadata() or {}).get(META_CONFIG)
     except Exception as err:  # safetensors raises its own error types for bad headers
         raise DataError(path, f"not a readable safetensors file: {err}") from err
     if raw is None:

@@ -112,6 +112,7 @@ from mesadepth.losses.consistency import rot_consistency_target
 from mesadepth.losses.photometric import LOSS_WEIGHTS, photo_and_geometry_loss, sc_depth_v2_losses
 from mesadepth.losses.supervised import V3_LOSS_WEIGHTS, sc_depth_v3_losses
 from mesadepth.models.backbone import (
+    META_CONFIG,
     SWINV2_PRESETS,
     build_encoder,
     load_encoder,
@@ -599,7 +600,7 @@ def _file_encoder_config(path: Path) -> dict[str, Any] | None:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("mesadepth.encoder_config")
+        raw = (f.metadata() or {}).get(META_CONFIG)
     return json.loads(raw) if raw else None
 
 
