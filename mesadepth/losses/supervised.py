@@ -445,11 +445,11 @@ def ranking_depth(pred_depth: torch.Tensor, mode: RankingDepth = "raw") -> torch
     ``"raw"``: D_t itself, the reference (spec 4.8 (d)). ``"mean"``: D_t divided by its
     per-image mean (not detached), which makes L_mr invariant to the prediction's global scale,
     as every other v3 term is. Not in the reference. Why: on raw depth the logistic
-    ``log(1 + exp(-t (D_a - D_b)))`` falls for correctly ordered pairs and rises for wrongly
-    labelled ones in proportion to the depth's scale, which no other v3 term constrains; where
+    ``log(1 + exp(-t (D_a - D_b)))`` falls for correctly ordered pairs and grows for wrongly
+    labelled ones as the depth's scale grows, which no other v3 term constrains; where
     the photometric terms hold no depth (a PoseNet that reads no motion) and the teacher's labels
     are noisy, the DepthNet follows that pay-off and stretches its depth map until held-out depth
-    gets worse (README, "SP on CPU").
+    gets worse (docs/experiments/2026-12-05-sp-stability.md).
 
     Args:
         pred_depth: (B, 1, H, W) positive D_t.
