@@ -297,6 +297,17 @@ def test_known_poses_build_no_posenet_and_train_only_the_depthnet(tiny_world, tm
     assert all(p.grad is not None for p in module.parameters() if p.requires_grad)
     path = export_model(module, tmp_path / "gp.safetensors")
     assert {k.split(".")[0] for k in load_file(path)} == {"encoder", "depth_decoder"}
+    # pose.translation_scale scales the known translations only (depth then comes out in
+    # metres x scale), leaving the batch as it was.
+    before = batch["motion"].clone()
+    tenth = VideoPretraining(
+        _recipe(tiny_world / "video", tmp_path / "t", "pose.translation_scale=0.1")
+    )
+    fwd, inv = tenth.motions(batch["image"], batch["refs"], batch["motion"])
+    assert torch.equal(batch["motion"], before)
+    torch.testing.assert_close(fwd[1][:, :3, :3], before[:, 1, :3, :3])
+    torch.testing.assert_close(fwd[1][:, :3, 3], 0.1 * before[:, 1, :3, 3])
+    torch.testing.assert_close(inv[1] @ fwd[1], torch.eye(4).expand(2, 4, 4), atol=1e-6, rtol=0)
     # Photo-mode validation warps with the val snippets' true motion; no PoseNet to score.
     photo = _recipe(tiny_world / "video", tmp_path / "p", "validation.mode=photo")
     dm = VideoDataModule(photo)

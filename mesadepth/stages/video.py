@@ -18,7 +18,9 @@ backward pair uses its exact inverse instead of a second prediction. No PoseNet 
 parameters, no ``pose_net.*``), the ARN is off unless ``pose.rectify: true``, the loss terms are
 unchanged, and the flip augmentation mirrors the motion with the images
 (:class:`~mesadepth.data.transforms.HorizontalFlip`; scale-crop and resize change K only).
-The translations are metric, so the DepthNet learns depth in metres, not up to scale.
+The translations are metric, so the DepthNet learns depth in metres, not up to scale
+(times ``pose.translation_scale``, which can move the scene's depths near a random DepthNet's
+start).
 The run directory holds:
 
 - ``config.yaml``, ``checkpoints/last.ckpt`` (resume), ``logs/`` (TensorBoard);
@@ -283,6 +285,17 @@ class PoseConfig:
             "timestamp (mesadepth.data.video.poses_from_scannet/arkit/tum, write_poses)"
         },
     )
+    translation_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "pose.source=poses: the known translations are multiplied by this, so the "
+            "DepthNet learns depth in metres x this (1 = metres; the losses are unchanged by a "
+            "common scale of depth and translation, median-scaled metrics too). A random "
+            "DispNet starts near 0.2 everywhere (1 / (10 x 0.5 + 0.01)); rooms several metres "
+            "deep pull it far, and a short run can overshoot into its far bound (100), where "
+            "the sigmoid stops the gradient (flat map). 0.1 puts indoor depths near the start"
+        },
+    )
     rectify: Literal["auto"] | bool = field(
         default="auto",
         metadata={
@@ -526,6 +539,10 @@ def check_recipe(recipe: VideoRecipe) -> None:
         raise ConfigError(f"data.batch_size must be >= 1, got {recipe.data.batch_size}")
     if recipe.pose.width < 1:
         raise ConfigError(f"pose.width must be >= 1, got {recipe.pose.width}")
+    if not recipe.pose.translation_scale > 0:
+        raise ConfigError(
+            f"pose.translation_scale must be > 0 (1 = metres), got {recipe.pose.translation_scale}"
+        )
     if recipe.version == "v3" and recipe.pose.rectify is True:
         raise ConfigError(
             "pose.rectify=true: SC-DepthV3 (version v3) has no auto-rectify network; use auto "
@@ -1202,9 +1219,10 @@ class VideoPretraining(L.LightningModule):
         """The target -> reference motions T_j and their backward partners T_j^inv (spec 3.4).
 
         PoseNet: ``PoseNet(I_t, I_rj)`` and ``PoseNet(I_rj, I_t)`` (B, 6), as the reference.
-        Known poses (``motion`` (B, R, 4, 4) from the batch, metres): ``T_j`` and its exact
-        inverse; references rectified by the ARN (``turns`` = R(r1_j)) show camera r_j turned
-        by R(r1_j) (``X_r = R(r1) X_rect``), so their motion is ``R(r1)^T T_j``.
+        Known poses (``motion`` (B, R, 4, 4) from the batch, metres): ``T_j`` with its
+        translation times ``pose.translation_scale``, and its exact inverse; references
+        rectified by the ARN (``turns`` = R(r1_j)) show camera r_j turned by R(r1_j)
+        (``X_r = R(r1) X_rect``), so their motion is ``R(r1)^T T_j``.
         """
         if self.pose_net is not None:
             return [self.pose_net(tgt, r) for r in refs], [self.pose_net(r, tgt) for r in refs]
@@ -1215,6 +1233,10 @@ class VideoPretraining(L.LightningModule):
             )
         if motion.shape[1] != len(refs):
             raise ConfigError(f"motion holds {motion.shape[1]} poses for {len(refs)} references")
+        scale = float(self.recipe.pose.translation_scale)
+        if scale != 1.0:
+            motion = motion.clone()
+            motion[..., :3, 3] *= scale
         fwd = [motion[:, j].to(tgt.dtype) for j in range(len(refs))]
         if turns is not None:
             fwd = [
