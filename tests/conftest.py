@@ -31,11 +31,17 @@ def _env_int(name: str) -> int | None:
         value = int(raw)
     except ValueError:
         raise pytest.UsageError(f"{name}={raw!r}: expected an integer") from None
-    if value < 0 or (name == THREADS_ENV and value == 0):
-        raise pytest.UsageError(
-            f"{name}={raw!r}: expected a {'positive' if value == 0 else 'non-negative'} integer"
-        )
+    smallest = 1 if name == THREADS_ENV else 0
+    if value < smallest:
+        kind = "a positive" if smallest else "a non-negative"
+        raise pytest.UsageError(f"{name}={raw!r}: expected {kind} integer")
     return value
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A mistyped variable stops the session with one clear line, before any test runs.
+    _env_int(SEED_ENV)
+    _env_int(THREADS_ENV)
 
 
 def threads_for_tests(default: int | None = None) -> int | None:
