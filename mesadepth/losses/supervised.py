@@ -640,11 +640,15 @@ def pair_normal_terms(
 def _gather_normals(normals: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
     """float64 (3, ...) normals of (B, 3, H, W) ``normals`` at flat pixels ``at`` (...) of the
     (B * H * W) raster."""
-    # A channel-major copy, then one index_select along its pixels: several times faster
-    # forward and backward than a strided gather on CPU; gathered first, then widened (the
-    # same values as widening the map; a float32 gather moves half the bytes).
+    # A channel-major copy, then one gather along its pixels: several times faster forward and
+    # backward than a strided gather on CPU; gathered first, then widened (the same values as
+    # widening the map; a float32 gather moves half the bytes). On CPU index_select, whose
+    # backward adds in index order whatever the thread count; on CUDA advanced indexing, whose
+    # backward sorts the indices (index_add_ there uses atomics).
     chans = normals.transpose(0, 1).reshape(normals.shape[1], -1)
-    return chans.index_select(1, at.reshape(-1)).reshape(-1, *at.shape).to(torch.float64)
+    flat = at.reshape(-1)
+    picked = chans.index_select(1, flat) if chans.device.type == "cpu" else chans[:, flat]
+    return picked.reshape(-1, *at.shape).to(torch.float64)
 
 
 def _dots(na: torch.Tensor, nb: torch.Tensor) -> torch.Tensor:
@@ -788,7 +792,14 @@ class _RelativeNormalLoss(torch.autograd.Function):
         g_pts = torch.zeros_like(n_pred)  # (3, 4, N): d loss / d normal at q1..q4
         g_pts[:, :-1] += coef * n_pred[:, 1:]
         g_pts[:, 1:] += coef * n_pred[:, :-1]
-        g_map = n_pred.new_zeros(c, b * h * w).index_add_(1, at.reshape(-1), g_pts.reshape(c, -1))
+        flat, g_flat = at.reshape(-1), g_pts.reshape(c, -1)
+        if g_pts.device.type == "cpu":
+            # Adds in index order: the same gradient on every run with any thread count.
+            g_map = n_pred.new_zeros(c, b * h * w).index_add_(1, flat, g_flat)
+        else:
+            # index_add_ uses atomics on CUDA; accumulating index_put_ sorts the indices.
+            g_rows = n_pred.new_zeros(b * h * w, c).index_put_((flat,), g_flat.t(), accumulate=True)
+            g_map = g_rows.t()
         g_map = g_map.to(ctx.dtype).reshape(c, b, h, w).transpose(0, 1)
         return g_map, None, None
 
