@@ -139,3 +139,28 @@ def learning_record(request: pytest.FixtureRequest) -> Iterator[dict]:
     }
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(line) + "\n")
+
+
+def tiny_depth_anything_model(image_size: int):
+    """A seeded, randomly initialised Depth Anything small enough for CPU tests (transformers
+    is a dev dependency; the test is skipped without it)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    backbone = transformers.Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=image_size,
+        patch_size=14,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+        reshape_hidden_states=False,
+    )
+    cfg = transformers.DepthAnythingConfig(
+        backbone_config=backbone,
+        reassemble_hidden_size=32,
+        neck_hidden_sizes=[8, 16, 32, 32],
+        fusion_hidden_size=16,
+        head_hidden_size=8,
+    )
+    return transformers.DepthAnythingForDepthEstimation(cfg)

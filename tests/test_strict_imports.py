@@ -5,34 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_depth_anything_model
 from safetensors.torch import load_file, save_file
 
 from mesadepth.errors import DataError
 
 
 def _tiny_depth_anything(folder):
-    transformers = pytest.importorskip("transformers")
+    model = tiny_depth_anything_model(28)
     from transformers import DPTImageProcessor
 
-    torch.manual_seed(0)
-    backbone = transformers.Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=28,
-        patch_size=14,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-        reshape_hidden_states=False,
-    )
-    cfg = transformers.DepthAnythingConfig(
-        backbone_config=backbone,
-        reassemble_hidden_size=32,
-        neck_hidden_sizes=[8, 16, 32, 32],
-        fusion_hidden_size=16,
-        head_hidden_size=8,
-    )
-    transformers.DepthAnythingForDepthEstimation(cfg).save_pretrained(folder)
+    model.save_pretrained(folder)
     DPTImageProcessor(size={"height": 28, "width": 28}, ensure_multiple_of=14).save_pretrained(
         folder
     )

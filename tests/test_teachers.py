@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_depth_anything_model
 
 from mesadepth import teachers as T
 from mesadepth.errors import ConfigError, DataError, MissingFileError
@@ -203,28 +204,9 @@ def test_leres_forced_torch_resize_warns_and_is_recorded(tiny_leres_file, tmp_pa
 
 @pytest.fixture(scope="module")
 def tiny_depth_anything(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
+    model = tiny_depth_anything_model(56).eval()
     from transformers import DPTImageProcessor
 
-    torch.manual_seed(0)
-    backbone = transformers.Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=56,
-        patch_size=14,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-        reshape_hidden_states=False,
-    )
-    cfg = transformers.DepthAnythingConfig(
-        backbone_config=backbone,
-        reassemble_hidden_size=32,
-        neck_hidden_sizes=[8, 16, 32, 32],
-        fusion_hidden_size=16,
-        head_hidden_size=8,
-    )
-    model = transformers.DepthAnythingForDepthEstimation(cfg).eval()
     with torch.no_grad():  # random init predicts ~0 everywhere; make the map vary
         for p in model.parameters():
             if p.dim() > 1:
