@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import threads_for_tests
 from safetensors.torch import load_file
 
 from mesadepth.config import load_config
@@ -48,8 +49,9 @@ from mesadepth.stages.video import (
 @pytest.fixture(autouse=True)
 def _one_thread():
     # As in test_video_stage.py: one OpenMP thread keeps CPU runs short on a shared machine.
+    # MESADEPTH_TEST_THREADS overrides.
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads_for_tests(1))
     yield
     torch.set_num_threads(before)
 
@@ -190,8 +192,9 @@ def test_flip_conjugates_the_motion_and_scale_crop_leaves_it(tiny_world):
 
 
 @pytest.mark.slow
+@pytest.mark.learning(seed=0)
 def test_known_poses_learn_depth_where_the_posenet_gp_of_the_same_steps_does_not(
-    tiny_world, tmp_path
+    tiny_world, tmp_path, learning_seed, learning_record
 ):
     """A learning check on the tiny world (2 training scenes, validated on the held-out one):
     48 GP steps with the true motion lower the held-out AbsRel well below that of the
@@ -203,7 +206,14 @@ def test_known_poses_learn_depth_where_the_posenet_gp_of_the_same_steps_does_not
     0.2793 (1 thread) and 0.2815, 0.2820, 0.2731 (2 threads); constant map 0.2822. The smallest
     gap is 0.040, the largest posed AbsRel 83 % of the constant map's.
     """
-    common = ("optim.lr=1e-4", "optim.epochs=2", "optim.epoch_size=24", "decoder.padding=zeros")
+    common = (
+        "optim.lr=1e-4",
+        "optim.epochs=2",
+        "optim.epoch_size=24",
+        "decoder.padding=zeros",
+        f"trainer.seed={learning_seed}",
+        f"data.seed={learning_seed}",
+    )
     posed = run_video(_recipe(tiny_world / "video", tmp_path / "posed", *common))
     posenet = run_video(
         _recipe(
@@ -219,6 +229,13 @@ def test_known_poses_learn_depth_where_the_posenet_gp_of_the_same_steps_does_not
     assert not posed["rectify"] and posenet["rectify"]
     ours, theirs = posed["validation"]["abs_rel"], posenet["validation"]["abs_rel"]
     constant = posed["baseline_constant_depth"]["abs_rel"]
+    learning_record.update(
+        {
+            "PoseNet - posed AbsRel (> 0.025)": theirs - ours,
+            "posed AbsRel / constant map (< 0.9)": ours / constant,
+            "posed AbsRel end/start (< 0.9)": ours / posed["validation_start"]["abs_rel"],
+        }
+    )
     assert ours < theirs - 0.025, (ours, theirs)
     assert ours < 0.9 * constant, (ours, constant)
     assert ours < 0.9 * posed["validation_start"]["abs_rel"]
