@@ -164,3 +164,32 @@ def tiny_depth_anything_model(image_size: int):
         head_hidden_size=8,
     )
     return transformers.DepthAnythingForDepthEstimation(cfg)
+
+
+def tiny_video_recipe(root: Path, run: Path, version: str = "v2", *overrides: str):
+    """A tiny recipe: 64x64 training size, narrow pose nets and decoder, no sanity check."""
+    from mesadepth.stages.video import VideoRecipe
+
+    return load_config(
+        VideoRecipe,
+        None,
+        [
+            f"run_dir={run}",
+            f"version={version}",
+            "encoder.preset=tiny-cpu",
+            "encoder.drop_path_rate=0.0",
+            "decoder.num_ch_dec=[8,16,16,32,32]",
+            "pose.width=8",
+            f"data.root={root}",
+            "data.size=[64,64]",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            "trainer.accelerator=cpu",
+            "trainer.devices=1",
+            "trainer.progress_bar=false",
+            "trainer.num_sanity_val_steps=0",
+            "trainer.log_every_n_steps=1",
+            "figures=1",
+            *overrides,
+        ],
+    )

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import threads_for_tests
+from conftest import threads_for_tests, tiny_video_recipe
 from safetensors.torch import load_file
 
-from mesadepth.config import load_config
 from mesadepth.data.transforms import (
     Compose,
     HorizontalFlip,
@@ -58,30 +57,7 @@ def _one_thread():
 
 def _recipe(root: Path, run: Path, *overrides: str) -> VideoRecipe:
     """test_video_stage.py's tiny recipe (64x64, narrow decoder and pose nets) with known poses."""
-    return load_config(
-        VideoRecipe,
-        None,
-        [
-            f"run_dir={run}",
-            "version=v2",
-            "encoder.preset=tiny-cpu",
-            "encoder.drop_path_rate=0.0",
-            "decoder.num_ch_dec=[8,16,16,32,32]",
-            "pose.width=8",
-            "pose.source=poses",
-            f"data.root={root}",
-            "data.size=[64,64]",
-            "data.batch_size=4",
-            "data.num_workers=0",
-            "trainer.accelerator=cpu",
-            "trainer.devices=1",
-            "trainer.progress_bar=false",
-            "trainer.num_sanity_val_steps=0",
-            "trainer.log_every_n_steps=1",
-            "figures=1",
-            *overrides,
-        ],
-    )
+    return tiny_video_recipe(root, run, "v2", "pose.source=poses", *overrides)
 
 
 def _copy_video(tiny_world: Path, tmp_path: Path) -> Path:

@@ -12,7 +12,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import threads_for_tests
+from conftest import threads_for_tests, tiny_video_recipe
 from safetensors.torch import load_file
 
 from mesadepth.cli import main
@@ -50,30 +50,7 @@ def _one_thread():
 
 
 def _recipe(root: Path, run: Path, version: str = "v2", *overrides: str) -> VideoRecipe:
-    """A tiny recipe: 64x64 training size, narrow pose nets and decoder, no sanity check."""
-    return load_config(
-        VideoRecipe,
-        None,
-        [
-            f"run_dir={run}",
-            f"version={version}",
-            "encoder.preset=tiny-cpu",
-            "encoder.drop_path_rate=0.0",
-            "decoder.num_ch_dec=[8,16,16,32,32]",
-            "pose.width=8",
-            f"data.root={root}",
-            "data.size=[64,64]",
-            "data.batch_size=4",
-            "data.num_workers=0",
-            "trainer.accelerator=cpu",
-            "trainer.devices=1",
-            "trainer.progress_bar=false",
-            "trainer.num_sanity_val_steps=0",
-            "trainer.log_every_n_steps=1",
-            "figures=1",
-            *overrides,
-        ],
-    )
+    return tiny_video_recipe(root, run, version, *overrides)
 
 
 def _seeded(seed: int) -> tuple[str, str]:
