@@ -16,13 +16,13 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_video_recipe
 from safetensors.torch import load_file
 
-from mesadepth.config import load_config
 from mesadepth.data.video import read_scene_list
 from mesadepth.io import read_depth_png, write_png
 from mesadepth.losses.supervised import sc_depth_v3_losses
-from mesadepth.stages.video import VideoRecipe, run_video
+from mesadepth.stages.video import run_video
 
 
 @pytest.fixture
@@ -119,31 +119,18 @@ def test_two_supervised_runs_give_identical_losses_and_weights(tiny_world, tmp_p
     root = _with_pseudo_depth(tiny_world, tmp_path)
 
     def run(name: str) -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
-        recipe = load_config(
-            VideoRecipe,
-            None,
-            [
-                f"run_dir={tmp_path / name}",
-                "version=v3",
-                "encoder.preset=tiny-cpu",
-                "encoder.drop_path_rate=0.0",
-                "decoder.num_ch_dec=[8,16,16,32,32]",
-                "pose.width=8",
-                f"data.root={root}",
-                "data.size=[128,128]",
-                "data.batch_size=4",
-                "data.num_workers=0",
-                "optim.lr=1e-3",
-                "optim.epochs=1",
-                "optim.epoch_size=6",
-                "loss.ranking_numerics=safe",
-                "validation.mode=none",
-                "trainer.accelerator=cpu",
-                "trainer.devices=1",
-                "trainer.progress_bar=false",
-                "trainer.num_sanity_val_steps=0",
-                "figures=0",
-            ],
+        recipe = tiny_video_recipe(
+            root,
+            tmp_path / name,
+            "v3",
+            "trainer.log_every_n_steps=50",  # the recipe default, as this run always had
+            "data.size=[128,128]",
+            "optim.lr=1e-3",
+            "optim.epochs=1",
+            "optim.epoch_size=6",
+            "loss.ranking_numerics=safe",
+            "validation.mode=none",
+            "figures=0",
         )
         losses = _StepLosses()
         run_video(recipe, callbacks=(losses,))
